@@ -1,0 +1,36 @@
+"""The paper's models, and `build_model` to make one from a script's config."""
+import inspect
+
+from torch import nn
+
+from .decoder import Decoder
+from .encoder import Encoder
+from .quantizer import QuantizerOutput, VectorQuantizerEMA
+from .vae import VAE, VAEOutput
+from .vqvae import VQVAE, VQVAEOutput
+
+MODELS = {"vae": VAE, "vqvae": VQVAE}
+
+__all__ = ["Decoder", "Encoder", "MODELS", "QuantizerOutput", "VAE", "VAEOutput", "VQVAE",
+           "VQVAEOutput", "VectorQuantizerEMA", "build_model", "model_keys"]
+
+
+def model_keys(model_type: str) -> list[str]:
+    """The config keys the model of `model_type` takes."""
+    if model_type not in MODELS:
+        raise ValueError(f"unknown model_type {model_type!r}; expected one of {sorted(MODELS)}")
+    return list(inspect.signature(MODELS[model_type]).parameters)
+
+
+def build_model(model_type: str, config: dict) -> nn.Module:
+    """The model of `model_type` ('vae' or 'vqvae') built from the model keys of `config`.
+
+    Other keys (epochs, learning rate, ...) are ignored, so a script passes its whole config.
+    """
+    keys = model_keys(model_type)
+    parameters = inspect.signature(MODELS[model_type]).parameters
+    missing = [k for k in keys
+               if k not in config and parameters[k].default is inspect.Parameter.empty]
+    if missing:
+        raise ValueError(f"config for model_type {model_type!r} lacks {missing}")
+    return MODELS[model_type](**{k: config[k] for k in keys if k in config})

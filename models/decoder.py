@@ -1,0 +1,40 @@
+"""The convolutional decoder: the encoder in reverse."""
+from torch import Tensor, nn
+
+from .encoder import conv_block, layer_widths
+
+
+class Decoder(nn.Module):
+    """Latents [B, in_channels, h, w] -> image [B, out_channels, h * 2^n, w * 2^n], n = num_layers.
+
+    Mirrors `Encoder` with the same arguments: PixelSight becomes a 1x1 convolution from
+    `in_channels` up to `pixelsight_filters` at the start, each 2x2 stride-2 convolution a 2x2
+    stride-2 transposed convolution, and the adapter a 1x1 convolution to `out_channels` at the end.
+    A sigmoid keeps the output in the [0, 1] range of the images.
+    """
+
+    def __init__(self, num_layers: int, in_channels: int, adapter_layer: bool = False,
+                 pixelsight_filters: int = 0, out_channels: int = 3):
+        super().__init__()
+        widths = layer_widths(num_layers, pixelsight_filters or in_channels, adapter_layer)
+
+        layers = []
+        channels = in_channels
+        if pixelsight_filters:
+            conv = nn.Conv2d(channels, pixelsight_filters, 1, bias=False)
+            layers += conv_block(conv, activate=True)
+            channels = pixelsight_filters
+        targets = widths[-2::-1] + [out_channels]
+        for i, width in enumerate(targets):
+            last = i == len(targets) - 1
+            if last and adapter_layer:
+                conv = nn.Conv2d(channels, width, 1)
+            else:
+                conv = nn.ConvTranspose2d(channels, width, 2, stride=2, bias=last)
+            layers += conv_block(conv, activate=not last)
+            channels = width
+        layers.append(nn.Sigmoid())
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.layers(z)

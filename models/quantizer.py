@@ -1,0 +1,134 @@
+"""Vector quantiser whose codebook follows an exponential moving average (VQ-VAE, VQ-VAE-2)."""
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+KMEANS_SAMPLES = 16384  # latents k-means sees; enough to place the codes, cheap at any batch size
+KMEANS_ITERATIONS = 10
+
+
+class QuantizerOutput(NamedTuple):
+    quantized: Tensor  # [B, D, H, W]; equals the codes, passes gradients straight through to z_e
+    loss: Tensor  # commitment loss
+    indices: Tensor  # [B, H, W]
+
+
+def nearest_code(x: Tensor, codebook: Tensor) -> Tensor:
+    # ||x||^2 is the same for every code, so the argmin needs only ||e||^2 - 2 x.e.
+    distances = torch.addmm(codebook.square().sum(1), x, codebook.t(), alpha=-2)
+    return distances.argmin(1)
+
+
+def kmeans(x: Tensor, k: int, iterations: int = KMEANS_ITERATIONS) -> Tensor:
+    """k centroids of the rows of x: k-means++ seeding, then Lloyd's algorithm."""
+    # Seeding far apart matters for pixel art: a few colours give a few distinct latents, and two
+    # seeds on one of them leave another colour to share a code for good.
+    centroids = x[torch.randint(len(x), (1,), device=x.device)]
+    nearest = (x - centroids[0]).square().sum(1)
+    for _ in range(k - 1):
+        # The tiny floor lets seeding go on once every distinct latent already has a seed.
+        chosen = x[torch.multinomial(nearest + 1e-12, 1)]
+        centroids = torch.cat([centroids, chosen])
+        nearest = torch.minimum(nearest, (x - chosen).square().sum(1))
+    for _ in range(iterations):
+        assigned = nearest_code(x, centroids)
+        counts = torch.bincount(assigned, minlength=k).unsqueeze(1)
+        sums = torch.zeros_like(centroids).index_add_(0, assigned, x)
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+    return centroids
+
+
+def all_reduce_sum(*tensors: Tensor) -> None:
+    if dist.is_available() and dist.is_initialized():
+        for tensor in tensors:
+            dist.all_reduce(tensor)
+
+
+def broadcast_from_first_rank(tensor: Tensor) -> None:
+    # Codes drawn from one rank's batch keep every replica's codebook identical.
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(tensor, src=0)
+
+
+class VectorQuantizerEMA(nn.Module):
+    """Maps each latent vector to its nearest of `num_embeddings` codes of size `embedding_dim`.
+
+    The codebook is learnt by EMA of the latents assigned to each code (with Laplace-smoothed
+    counts), not by gradients, so it and its statistics are buffers. Opt-in: `kmeans_init` places
+    the codes by k-means on the first training batch; `dead_code_threshold` > 0 moves codes whose
+    EMA count falls below it onto random latents of the current batch. A placed code counts as
+    seen once, so the threshold belongs below 1.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
+                 decay: float = 0.99, epsilon: float = 1e-5, kmeans_init: bool = False,
+                 dead_code_threshold: float = 0.0):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.commitment_cost, self.decay, self.epsilon = commitment_cost, decay, epsilon
+        self.kmeans_init, self.dead_code_threshold = kmeans_init, dead_code_threshold
+        embedding = torch.randn(num_embeddings, embedding_dim)
+        self.register_buffer("embedding", embedding)
+        # Every code starts as if seen once, so embed_sum / cluster_size is the codebook itself and
+        # an unused code decays towards zero instead of being divided by epsilon.
+        self.register_buffer("cluster_size", torch.ones(num_embeddings))
+        self.register_buffer("embed_sum", embedding.clone())
+        self.register_buffer("initialized", torch.tensor(not kmeans_init))
+
+    def forward(self, z_e: Tensor) -> QuantizerOutput:
+        b, d, h, w = z_e.shape
+        # Distances and EMA sums lose whole codes to rounding in half precision.
+        with torch.autocast(z_e.device.type, enabled=False):
+            z = z_e.float()
+            flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+            if self.training and self.kmeans_init and not self.initialized:
+                self._place_codes_by_kmeans(flat.detach())
+            indices = nearest_code(flat.detach(), self.embedding.float())
+            quantized = self.embed_indices(indices.reshape(b, h, w))
+            if self.training:
+                self._update_codebook(flat.detach(), indices)
+            # The codes are buffers, so this pulls only z_e towards them: the commitment loss.
+            loss = self.commitment_cost * F.mse_loss(z, quantized)
+            quantized = z + (quantized - z).detach()
+        return QuantizerOutput(quantized.to(z_e.dtype), loss, indices.reshape(b, h, w))
+
+    def embed_indices(self, indices: Tensor) -> Tensor:
+        """Code indices [B, H, W] -> code vectors [B, D, H, W]."""
+        return F.embedding(indices, self.embedding.float()).permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def _place_codes_by_kmeans(self, flat: Tensor) -> None:
+        sample = flat[torch.randperm(len(flat), device=flat.device)[:KMEANS_SAMPLES]]
+        centroids = kmeans(sample, self.num_embeddings)
+        broadcast_from_first_rank(centroids)
+        self.embedding.copy_(centroids)
+        self.embed_sum.copy_(centroids)
+        self.cluster_size.fill_(1.0)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def _update_codebook(self, flat: Tensor, indices: Tensor) -> None:
+        counts = torch.bincount(indices, minlength=self.num_embeddings).float()
+        sums = flat.new_zeros(self.num_embeddings, self.embedding_dim).index_add_(0, indices, flat)
+        all_reduce_sum(counts, sums)
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        total = self.cluster_size.sum()
+        smoothed = ((self.cluster_size + self.epsilon)
+                    / (total + self.num_embeddings * self.epsilon) * total)
+        self.embedding.copy_(self.embed_sum / smoothed.unsqueeze(1))
+        if self.dead_code_threshold > 0:
+            self._restart_dead_codes(flat)
+
+    @torch.no_grad()
+    def _restart_dead_codes(self, flat: Tensor) -> None:
+        # A candidate for every code, kept by torch.where, avoids a host sync to count the dead.
+        candidates = flat[torch.randint(len(flat), (self.num_embeddings,), device=flat.device)]
+        broadcast_from_first_rank(candidates)
+        dead = (self.cluster_size < self.dead_code_threshold).unsqueeze(1)
+        self.embedding.copy_(torch.where(dead, candidates, self.embedding))
+        self.embed_sum.copy_(torch.where(dead, candidates, self.embed_sum))
+        self.cluster_size.copy_(torch.where(dead.squeeze(1), 1.0, self.cluster_size))

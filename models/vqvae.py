@@ -1,0 +1,66 @@
+"""VQ-VAE and Pixel VQ-VAE: encoder, EMA vector quantiser, decoder."""
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+from .decoder import Decoder
+from .encoder import Encoder
+from .quantizer import QuantizerOutput, VectorQuantizerEMA
+
+
+class VQVAEOutput(NamedTuple):
+    reconstruction: Tensor  # [B, C, H, W] in [0, 1]
+    vq_loss: Tensor  # weighted commitment loss, to add to the reconstruction loss
+    indices: Tensor  # [B, h, w] codes
+
+
+class VQVAE(nn.Module):
+    """Image -> grid of codebook indices -> image.
+
+    The plain VQ-VAE has neither `adapter_layer` nor `pixelsight_filters`; Pixel VQ-VAE has both.
+    Keyword names are the config keys, so `VQVAE(**model_config)` builds either.
+    """
+
+    def __init__(self, num_layers: int, num_embeddings: int, embedding_dim: int,
+                 commitment_cost: float = 0.25, ema_decay: float = 0.99,
+                 adapter_layer: bool = False, pixelsight_filters: int = 0, in_channels: int = 3,
+                 kmeans_init: bool = False, dead_code_threshold: float = 0.0):
+        super().__init__()
+        self.num_layers = num_layers
+        self.encoder = Encoder(num_layers, embedding_dim, adapter_layer, pixelsight_filters,
+                               in_channels)
+        self.quantizer = VectorQuantizerEMA(num_embeddings, embedding_dim, commitment_cost,
+                                            ema_decay, kmeans_init=kmeans_init,
+                                            dead_code_threshold=dead_code_threshold)
+        self.decoder = Decoder(num_layers, embedding_dim, adapter_layer, pixelsight_filters,
+                               in_channels)
+
+    def code_grid_size(self, image_size: int) -> int:
+        """Side of the code grid for a square image of side `image_size`."""
+        scale = 2 ** self.num_layers
+        if image_size % scale:
+            raise ValueError(f"image size {image_size} is not a multiple of 2^num_layers = {scale}")
+        return image_size // scale
+
+    def encode_latents(self, x: Tensor) -> Tensor:
+        """Image -> latents before quantisation, z_e."""
+        return self.encoder(x)
+
+    def quantize(self, z_e: Tensor) -> QuantizerOutput:
+        return self.quantizer(z_e)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Image [B, C, H, W] -> code indices [B, h, w]."""
+        return self.quantize(self.encode_latents(x)).indices
+
+    def decode(self, z_q: Tensor) -> Tensor:
+        """Quantised latents [B, D, h, w] -> image [B, C, H, W]."""
+        return self.decoder(z_q)
+
+    def decode_indices(self, indices: Tensor) -> Tensor:
+        """Code indices [B, h, w] -> image [B, C, H, W]."""
+        return self.decode(self.quantizer.embed_indices(indices))
+
+    def forward(self, x: Tensor) -> VQVAEOutput:
+        quantized = self.quantize(self.encode_latents(x))
+        return VQVAEOutput(self.decode(quantized.quantized), quantized.loss, quantized.indices)

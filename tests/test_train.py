@@ -1,0 +1,119 @@
+"""The three training scripts, end to end on tiny synthetic sprites, through their real command line."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.sprites import write_species_folders
+from utils.data import PrepareOptions, prepare
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_VQ = ["--pixelsight_filters=16", "--num_embeddings=16", "--embedding_dim=8"]
+TINY = {
+    "train_pixel_vqvae.py": TINY_VQ,
+    "train_vqvae.py": ["--num_layers=1"] + TINY_VQ,
+    "train_vae.py": ["--num_layers=2", "--max_filters=16", "--latent_dim=8"],
+}
+EVERY_OUTPUT = ["config.json", "model.pt", "checkpoint.pt", "history.json", "losses.png", "samples.gif",
+                "metrics.json", "reconstruction_grid.png", "fusions/pairs.json", "fusions/overview.png"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    write_species_folders(root / "src", species=20, per_species=2)
+    prepare(root / "src", root / "data", PrepareOptions(image_size=16, rotations=(15,)), log=lambda _: None, workers=1)
+    return root / "data"
+
+
+def train(script, tmp_path, data_dir, *extra, name="run"):
+    args = [sys.executable, script, f"--dataset={data_dir}", f"--output_dir={tmp_path}", f"--experiment_name={name}",
+            "--image_size=16", "--batch_size=8", "--epochs=2", "--learning_rate=0.003", "--num_fusions=2",
+            "--fusion_steps=3", "--device=cpu", *TINY[script], *extra]
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("script", sorted(TINY))
+def test_each_script_trains_end_to_end_and_writes_every_output(script, tmp_path, tiny_data):
+    done = train(script, tmp_path, tiny_data)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "run"
+    for name in EVERY_OUTPUT + (["codebook_usage.png"] if script != "train_vae.py" else []):
+        assert (out / name).is_file(), name
+    test_names = json.loads((tiny_data / "test_names.json").read_text())
+    assert sorted(p.name for p in (out / "reconstructions").iterdir()) == sorted(test_names)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["test_images"] == len(test_names)
+    for key in ["mse", "ssim", "psnr", "exact_pixel_rate", "sprite_exact_pixel_rate", "input_colours",
+                "output_colours", "foreign_colour_rate", "train_seconds", "train_images_per_second"]:
+        assert np.isfinite(metrics[key]), key
+    if script != "train_vae.py":
+        assert 1 <= metrics["codes_used"] <= 16
+    pairs = json.loads((out / "fusions/pairs.json").read_text())
+    assert len(pairs) == 2 and all(p["species_a"] != p["species_b"] for p in pairs)
+    for folder in (out / "fusions").glob("*+*"):
+        assert sorted(p.name for p in folder.iterdir()) == ["blend.png", "interpolation.gif", "interpolation.png", "swap.png"]
+    assert Image.open(out / "samples.gif").n_frames == 2
+    assert json.loads((out / "config.json").read_text())["epochs"] == 2
+
+
+def test_saved_reconstructions_are_exactly_what_the_model_outputs(tmp_path, tiny_data):
+    from models import build_model
+
+    assert train("train_pixel_vqvae.py", tmp_path, tiny_data).returncode == 0
+    saved = torch.load(tmp_path / "run/model.pt", weights_only=True)
+    model = build_model(saved["model_type"], saved["config"])
+    model.load_state_dict(saved["model"])
+    model.eval()
+    names = json.loads((tiny_data / "test_names.json").read_text())
+    images = np.load(tiny_data / "test_images.npy")
+    with torch.inference_mode():
+        out = model(torch.from_numpy(images[:4]).permute(0, 3, 1, 2).float() / 255).reconstruction
+    expected = np.floor(out.permute(0, 2, 3, 1).clamp(0, 1).numpy().astype(np.float64) * 255 + 0.5).astype(np.uint8)
+    for name, image in zip(names[:4], expected):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "run/reconstructions" / name)), image)
+
+
+def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_data):
+    assert train("train_vqvae.py", tmp_path, tiny_data, name="whole").returncode == 0
+    assert train("train_vqvae.py", tmp_path, tiny_data, "--epochs=1", name="halves").returncode == 0
+    resumed = train("train_vqvae.py", tmp_path, tiny_data, "--resume=True", name="halves")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = torch.load(tmp_path / "whole/model.pt", weights_only=True)["model"]
+    halves = torch.load(tmp_path / "halves/model.pt", weights_only=True)["model"]
+    assert all(torch.equal(whole[k], halves[k]) for k in whole)
+    assert json.loads((tmp_path / "halves/metrics.json").read_text())["mse"] == \
+        json.loads((tmp_path / "whole/metrics.json").read_text())["mse"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--epoch=3"], "unknown config key 'epoch' (did you mean epochs"),
+    (["--epochs=three"], "--epochs expects int"),
+    (["--resume=True"], "no checkpoint at"),
+])
+def test_user_mistakes_end_in_one_line_not_a_traceback(tmp_path, tiny_data, extra, message):
+    done = train("train_vae.py", tmp_path, tiny_data, *extra)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert message in done.stderr.strip().splitlines()[-1]
+
+
+def test_an_existing_experiment_is_not_overwritten_unless_asked(tmp_path, tiny_data):
+    assert train("train_vae.py", tmp_path, tiny_data, "--epochs=1").returncode == 0
+    before = (tmp_path / "run/model.pt").read_bytes()
+    again = train("train_vae.py", tmp_path, tiny_data, "--epochs=1")
+    assert again.returncode == 2 and "already holds an experiment" in again.stderr
+    assert (tmp_path / "run/model.pt").read_bytes() == before
+    assert train("train_vae.py", tmp_path, tiny_data, "--epochs=1", "--overwrite=True").returncode == 0
+
+
+def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path, tiny_data):
+    assert train("train_vqvae.py", tmp_path, tiny_data, "--epochs=1").returncode == 0
+    done = train("train_vqvae.py", tmp_path, tiny_data, "--resume=True", "--num_embeddings=32")
+    assert done.returncode == 2
+    assert "num_embeddings (checkpoint 16, config 32)" in done.stderr

@@ -1,0 +1,41 @@
+"""Train the Pixel VQ-VAE: a VQ-VAE with an adapter layer, a wide PixelSight stage and an optional
+SSIM loss term (Saravanan & Guzdial, EXAG 2022).
+
+    python train_pixel_vqvae.py                                  # the paper's configuration
+    python train_pixel_vqvae.py --epochs=3 --use_ssim_loss=True  # any key below can be overridden
+"""
+import sys
+
+from utils.train import run_experiment
+
+config = dict(
+    experiment_name="pixel_vqvae",  # outputs go to <output_dir>/<experiment_name>/
+    output_dir="outputs",
+    dataset="pokemon",  # 'pokemon', a prepared data folder, or a folder or zip of your own sprites
+    image_size=64,
+    # The paper's Pixel VQ-VAE: every layer 1x1, so one code per pixel (a 64x64 code grid).
+    num_layers=0,
+    adapter_layer=True,  # 1x1 convolution as the first encoder and last decoder layer
+    pixelsight_filters=512,  # widest layer, then a 1x1 convolution to embedding_dim; 0 = off
+    num_embeddings=256,
+    embedding_dim=32,
+    commitment_cost=0.25,
+    ema_decay=0.99,
+    kmeans_init=False,  # place the codebook by k-means on the first batch
+    dead_code_threshold=0.0,  # restart codes whose EMA use falls below this; 0 = off
+    use_ssim_loss=False,  # the paper's optional SSIM term
+    ssim_weight=1.0,
+    batch_size=64,
+    epochs=25,
+    learning_rate=1e-4,
+    seed=42,
+    device="auto",  # auto = cuda when present, else cpu
+    max_train_images=0,  # 0 = all; fewer for quick runs
+    resume=False,  # continue from <output_dir>/<experiment_name>/checkpoint.pt
+    overwrite=False,  # replace an existing experiment of the same name
+    num_fusions=8,  # pairs of test sprites mixed in latent space
+    fusion_steps=8,  # images in each interpolation strip
+)
+
+if __name__ == "__main__":
+    run_experiment("vqvae", config, sys.argv[1:])

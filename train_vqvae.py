@@ -1,0 +1,40 @@
+"""Train the standard VQ-VAE baseline of the paper (no adapter, no PixelSight).
+
+    python train_vqvae.py
+    python train_vqvae.py --epochs=3 --num_embeddings=1024 --embedding_dim=64
+"""
+import sys
+
+from utils.train import run_experiment
+
+config = dict(
+    experiment_name="vqvae",  # outputs go to <output_dir>/<experiment_name>/
+    output_dir="outputs",
+    dataset="pokemon",  # 'pokemon', a prepared data folder, or a folder or zip of your own sprites
+    image_size=64,
+    # The paper's VQ-VAE: two 2x2 stride-2 layers, a 16x16 code grid.
+    num_layers=2,
+    adapter_layer=False,
+    pixelsight_filters=0,  # 0 = off: the widest layer is embedding_dim
+    num_embeddings=256,
+    embedding_dim=32,
+    commitment_cost=0.25,
+    ema_decay=0.99,
+    kmeans_init=False,  # place the codebook by k-means on the first batch
+    dead_code_threshold=0.0,  # restart codes whose EMA use falls below this; 0 = off
+    use_ssim_loss=False,
+    ssim_weight=1.0,
+    batch_size=64,
+    epochs=25,
+    learning_rate=1e-4,
+    seed=42,
+    device="auto",  # auto = cuda when present, else cpu
+    max_train_images=0,  # 0 = all; fewer for quick runs
+    resume=False,  # continue from <output_dir>/<experiment_name>/checkpoint.pt
+    overwrite=False,  # replace an existing experiment of the same name
+    num_fusions=8,  # pairs of test sprites mixed in latent space
+    fusion_steps=8,  # images in each interpolation strip
+)
+
+if __name__ == "__main__":
+    run_experiment("vqvae", config, sys.argv[1:])

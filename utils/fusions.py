@@ -1,0 +1,87 @@
+"""Fusions: two sprites mixed in latent space, the paper's qualitative test of a representation.
+
+For each of a fixed, seeded list of pairs of test sprites (different species, white background,
+no augmentation): a blend, a swap and an interpolation strip."""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils.io import write_json
+from utils.metrics import to_uint8
+from utils.plots import image_grid, save_gif, save_png, upscale_nearest
+
+
+def fusion_pairs(names, species_of_sprite, count, seed):
+    """Up to `count` pairs of plain test sprites of different species, the same for every model."""
+    plain = sorted(n for n in names if n.endswith("__white__orig.png"))
+    species = [species_of_sprite[n.split("__")[0]] for n in plain]
+    rng = np.random.default_rng(seed)
+    pairs, tries = [], 0
+    while len(pairs) < count and tries < 100 * count and len(set(species)) > 1:
+        a, b = rng.choice(len(plain), 2, replace=False)
+        tries += 1
+        if species[a] != species[b] and (plain[a], plain[b]) not in pairs:
+            pairs.append((plain[a], plain[b]))
+    return pairs
+
+
+def latents(model, model_type, x):
+    """What fusions mix: the VAE's means, a VQ model's latents before quantisation."""
+    return model.encode(x)[0] if model_type == "vae" else model.encode_latents(x)
+
+
+def decode_latents(model, model_type, z):
+    return model.decode(z) if model_type == "vae" else model.decode(model.quantize(z).quantized)
+
+
+def fuse_latents(model, model_type, xa, xb, weights):
+    """Decode (1 - w) * latent(a) + w * latent(b) for every w in `weights`."""
+    za, zb = latents(model, model_type, xa), latents(model, model_type, xb)
+    mixed = torch.cat([(1 - w) * za + w * zb for w in weights])
+    return decode_latents(model, model_type, mixed)
+
+
+def swap(model, model_type, xa, xb):
+    """VQ models: the top half of a's code grid over the bottom half of b's.
+    VAE: the first half of a's latent dimensions with the second half of b's."""
+    if model_type == "vae":
+        za, zb = model.encode(xa)[0], model.encode(xb)[0]
+        half = za.shape[1] // 2
+        return model.decode(torch.cat([za[:, :half], zb[:, half:]], 1))
+    ia, ib = model.encode(xa), model.encode(xb)
+    half = ia.shape[1] // 2
+    return model.decode_indices(torch.cat([ia[:, :half], ib[:, half:]], 1))
+
+
+def _images(batch):
+    return to_uint8(batch.permute(0, 2, 3, 1))
+
+
+def write_fusions(model, model_type, sprites, data_dir, out, config, device):
+    """Write fusions/pairs.json, one folder per pair and an overview grid; returns the pairs."""
+    species = json.loads((Path(data_dir) / "manifest.json").read_text())["sprite_species"]
+    pairs = fusion_pairs(sprites.names, species, config["num_fusions"], config["seed"])
+    write_json(out / "pairs.json", [{"a": a, "b": b, "species_a": species[a.split("__")[0]],
+                                     "species_b": species[b.split("__")[0]]} for a, b in pairs])
+    position = {name: i for i, name in enumerate(sprites.names)}
+    weights = np.linspace(0, 1, config["fusion_steps"])
+    rows = []
+    model.eval()
+    with torch.inference_mode():
+        for i, (a, b) in enumerate(pairs):
+            images = sprites.images[[position[a], position[b]]]
+            x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div(255)
+            blend = _images(fuse_latents(model, model_type, x[:1], x[1:], [0.5]))[0]
+            swapped = _images(swap(model, model_type, x[:1], x[1:]))[0]
+            strip = _images(fuse_latents(model, model_type, x[:1], x[1:], weights))
+            folder = out / f"{i:02d}_{a.split('__')[0]}+{b.split('__')[0]}"
+            save_png(blend, folder / "blend.png")
+            save_png(swapped, folder / "swap.png")
+            save_png(image_grid(strip, len(strip), pad=0), folder / "interpolation.png")
+            save_gif(list(strip) + list(strip[::-1]), folder / "interpolation.gif", duration_ms=150)
+            rows.extend([images[0], images[1], blend, swapped])
+    if rows:
+        save_png(upscale_nearest(image_grid(np.stack(rows), 4), 3), out / "overview.png")
+    return pairs

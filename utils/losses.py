@@ -1,0 +1,53 @@
+"""Training losses: reconstruction, the Pixel VQ-VAE's optional SSIM term, and their sum."""
+import functools
+
+import torch
+import torch.nn.functional as F
+
+# tf.image.ssim's defaults, which the paper used: an 11x11 Gaussian window of sigma 1.5.
+SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
+
+
+@functools.lru_cache(maxsize=8)
+def _gaussian_window(channels, device, dtype):
+    x = torch.arange(SSIM_WINDOW, dtype=torch.float64) - (SSIM_WINDOW - 1) / 2
+    g = torch.exp(-(x**2) / (2 * SSIM_SIGMA**2))
+    g = g / g.sum()
+    return torch.outer(g, g).expand(channels, 1, SSIM_WINDOW, SSIM_WINDOW).to(device, dtype).contiguous()
+
+
+def ssim(x, y):
+    """Mean SSIM of two image batches in [0, 1], differentiable.
+
+    Only windows that fit inside the image count ('valid'), as in scikit-image's and TensorFlow's
+    reference implementations, so the training term and the reported metric agree."""
+    x, y = x.float(), y.float()
+    channels = x.shape[1]
+    window = _gaussian_window(channels, x.device, x.dtype)
+    blur = functools.partial(F.conv2d, weight=window, groups=channels)
+    mu_x, mu_y = blur(x), blur(y)
+    var_x = blur(x * x) - mu_x**2
+    var_y = blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    c1, c2 = SSIM_K1**2, SSIM_K2**2
+    score = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return score.mean()
+
+
+def loss_terms(model_type, output, x, config):
+    """Every loss term of one batch as tensors; 'loss' is what is minimised.
+
+    Kept on the device: reading them back every step would stall the pipeline."""
+    recon = F.mse_loss(output.reconstruction.float(), x.float())
+    terms = {"recon": recon}
+    if model_type == "vae":
+        terms["kl"] = output.kl
+        terms["loss"] = recon + output.kl_loss
+        return terms
+    terms["vq"] = output.vq_loss
+    loss = recon + output.vq_loss
+    if config.get("use_ssim_loss"):
+        terms["ssim"] = 1 - ssim(output.reconstruction, x)
+        loss = loss + config["ssim_weight"] * terms["ssim"]
+    terms["loss"] = loss
+    return terms

@@ -1,0 +1,252 @@
+"""Reconstruction metrics for pixel art, and the command line that scores two folders of PNGs.
+
+Images are uint8 arrays [N, H, W, 3] holding exact 8-bit colours; sprite masks are bool [N, H, W],
+True where the source sprite was opaque. Besides the paper's MSE and SSIM we count exact colours,
+because a pixel-art reconstruction that is one level off everywhere scores well on MSE yet no
+longer uses the sprite's palette.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from skimage.metrics import structural_similarity
+
+from utils.errors import UserError
+from utils.io import write_json
+
+# Reported for identical images, whose PSNR is infinite. No other 8-bit image pair up to 226x226
+# pixels comes this close (one channel one level off is 48.1 dB + 10 log10(3 H W)), so the cap
+# never ties with a real error, and the mean over a dataset stays finite.
+PSNR_CAP_DB = 100.0
+
+
+def to_uint8(x):
+    """Floats in [0, 1] (numpy array or torch tensor, any layout) -> uint8, rounding half up.
+
+    Truncation would map 0.999 to 254, so white could never come out as 255."""
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    x = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)
+    return np.floor(x * 255.0 + 0.5).astype(np.uint8)
+
+
+def _as_unit_floats(images):
+    return images.astype(np.float64) / 255.0
+
+
+def colour_keys(images):
+    """One integer per pixel of uint8 [..., 3] RGB, equal exactly when the colours are equal."""
+    images = images.astype(np.int64)
+    return (images[..., 0] << 16) | (images[..., 1] << 8) | images[..., 2]
+
+
+def _colour_keys_per_image(images):
+    return colour_keys(images).reshape(len(images), -1)
+
+
+def _per_image_mse(ref, out):
+    return ((_as_unit_floats(ref) - _as_unit_floats(out)) ** 2).mean(axis=(1, 2, 3))
+
+
+def mse(ref, out):
+    """Mean squared error on [0, 1] colours over all pixels and channels."""
+    return float(_per_image_mse(ref, out).mean())
+
+
+def psnr(ref, out):
+    """Mean over images of PSNR with data range 1; identical images count as PSNR_CAP_DB.
+
+    Same formula as skimage's peak_signal_noise_ratio, computed for the whole batch at once
+    rather than calling it image by image."""
+    per_image = _per_image_mse(ref, out)
+    with np.errstate(divide="ignore"):
+        db = 10.0 * np.log10(1.0 / per_image)
+    return float(np.minimum(db, PSNR_CAP_DB).mean())
+
+
+def ssim(ref, out):
+    """Mean over images of SSIM with the paper's tf.image.ssim settings.
+
+    Gaussian window 11 wide, sigma 1.5, K1 0.01, K2 0.03, averaged over the colour channels;
+    images must be at least 11x11."""
+    ref, out = _as_unit_floats(ref), _as_unit_floats(out)
+    return float(np.mean([
+        structural_similarity(r, o, win_size=11, gaussian_weights=True, sigma=1.5,
+                              use_sample_covariance=False, data_range=1.0, channel_axis=-1)
+        for r, o in zip(ref, out)
+    ]))
+
+
+def _exact_pixels(ref, out):
+    return np.all(ref == out, axis=-1)
+
+
+def exact_pixel_rate(ref, out):
+    """Share of pixels whose full 8-bit RGB colour is reproduced exactly."""
+    return float(_exact_pixels(ref, out).mean())
+
+
+def sprite_exact_pixel_rate(ref, out, masks):
+    """exact_pixel_rate over sprite pixels only, pooled over the batch (NaN if there are none).
+
+    Background is most of a sprite image and easy to get right; this is the rate that shows
+    whether the sprite itself survived."""
+    masks = np.asarray(masks, dtype=bool)
+    if not masks.any():
+        return float("nan")
+    return float(_exact_pixels(ref, out)[masks].mean())
+
+
+def colours_per_image(images):
+    """Mean number of distinct RGB colours in an image."""
+    keys = np.sort(_colour_keys_per_image(images), axis=1)
+    return float((1 + (np.diff(keys, axis=1) != 0).sum(axis=1)).mean())
+
+
+def foreign_colour_rate(ref, out):
+    """Share of output pixels whose colour appears nowhere in the matching input image."""
+    # Tagging each key with its image index lets one isin() test every image against its own
+    # input only.
+    image_tag = np.arange(len(ref), dtype=np.int64)[:, None] << 24
+    ref_keys = _colour_keys_per_image(ref) + image_tag
+    out_keys = _colour_keys_per_image(out) + image_tag
+    return float(1.0 - np.isin(out_keys, ref_keys).mean())
+
+
+def codebook_stats(counts):
+    """Health of a codebook from how often each code was chosen over a whole dataset.
+
+    Perplexity is exp(entropy) of the normalised histogram: the number of equally used codes
+    that would give the same entropy. Averaging per-batch perplexities instead would understate
+    it, since one batch sees only a few of the codes."""
+    counts = np.asarray(counts, dtype=np.float64).ravel()
+    if counts.sum() <= 0:
+        raise ValueError("codebook_stats needs a histogram with at least one code chosen")
+    p = counts[counts > 0] / counts.sum()
+    codes_used = int((counts > 0).sum())
+    return {
+        "codes_used": codes_used,
+        "dead_codes": int(counts.size - codes_used),
+        "usage": codes_used / counts.size,
+        "perplexity": float(np.exp(-(p * np.log(p)).sum())),
+    }
+
+
+def image_metrics(ref, out, masks=None):
+    """Every image metric for a batch of inputs and their reconstructions, as one dict."""
+    if ref.shape != out.shape:
+        raise ValueError(f"inputs {ref.shape} and reconstructions {out.shape} differ in shape")
+    metrics = {
+        "mse": mse(ref, out),
+        "ssim": ssim(ref, out),
+        "psnr": psnr(ref, out),
+        "exact_pixel_rate": exact_pixel_rate(ref, out),
+    }
+    if masks is not None:
+        metrics["sprite_exact_pixel_rate"] = sprite_exact_pixel_rate(ref, out, masks)
+    metrics.update(
+        input_colours=colours_per_image(ref),
+        output_colours=colours_per_image(out),
+        foreign_colour_rate=foreign_colour_rate(ref, out),
+    )
+    return metrics
+
+
+def _png_names(folder):
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder")
+    names = {p.name for p in folder.iterdir() if p.suffix.lower() == ".png"}
+    if not names:
+        raise UserError(f"{folder} holds no PNG files")
+    return names
+
+
+def _listing(names, shown=5):
+    names = sorted(names)
+    more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _paired_names(ref_dir, out_dir):
+    ref_names, out_names = _png_names(ref_dir), _png_names(out_dir)
+    if ref_names != out_names:
+        problems = []
+        if ref_names - out_names:
+            problems.append(f"{len(ref_names - out_names)} only in {ref_dir}: "
+                            f"{_listing(ref_names - out_names)}")
+        if out_names - ref_names:
+            problems.append(f"{len(out_names - ref_names)} only in {out_dir}: "
+                            f"{_listing(out_names - ref_names)}")
+        raise UserError("PNG names differ between the folders; " + "; ".join(problems))
+    return sorted(ref_names)
+
+
+def _load_rgb(path):
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e}") from e
+
+
+def _size(image):
+    return f"{image.shape[1]}x{image.shape[0]}"
+
+
+def load_pairs(ref_dir, out_dir):
+    """Inputs and reconstructions paired by file name, as two uint8 [N, H, W, 3] arrays."""
+    names = _paired_names(ref_dir, out_dir)
+    refs, outs = [], []
+    for name in names:
+        ref, out = _load_rgb(Path(ref_dir) / name), _load_rgb(Path(out_dir) / name)
+        if ref.shape != out.shape:
+            raise UserError(f"{name} is {_size(ref)} in {ref_dir} but {_size(out)} in {out_dir}")
+        if refs and ref.shape != refs[0].shape:
+            raise UserError(f"{name} is {_size(ref)} but {names[0]} is {_size(refs[0])}; "
+                            "every image must have the same size")
+        refs.append(ref)
+        outs.append(out)
+    if min(refs[0].shape[:2]) < 11:
+        raise UserError(f"images are {_size(refs[0])}; SSIM's 11-pixel window needs 11x11 or more")
+    return np.stack(refs), np.stack(outs)
+
+
+def _parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="python -m utils.metrics",
+        description="Score reconstructions against their inputs. PNGs pair by file name and "
+                    "are read as RGB; an alpha channel is dropped, not composited, so compare "
+                    "the dataset's opaque RGB copies rather than the transparent sprites.")
+    parser.add_argument("ref_dir", type=Path, help="folder of input PNGs")
+    parser.add_argument("out_dir", type=Path, help="folder of reconstructed PNGs, same names")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="where to write the metrics (default: metrics_<OUT_DIR name>.json "
+                             "beside OUT_DIR, e.g. outputs/exp/metrics_reconstructions.json)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = _parse_args(argv)
+    try:
+        ref, out = load_pairs(args.ref_dir, args.out_dir)
+        metrics = {"images": len(ref), **image_metrics(ref, out)}
+        out_dir = args.out_dir.resolve()
+        json_path = args.json or out_dir.parent / f"metrics_{out_dir.name}.json"
+        write_json(json_path, {"ref_dir": str(args.ref_dir), "out_dir": str(args.out_dir),
+                               **metrics})
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    width = max(map(len, metrics))
+    for key, value in metrics.items():
+        print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else
+              f"{key:<{width}}  {value}")
+    print(f"saved {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,303 @@
+"""The one training loop every script uses: data, model, epochs, checkpoints and outputs.
+
+A script is its config block and `run_experiment(model_type, config, sys.argv[1:])`."""
+import collections
+import pickle
+import random
+import shutil
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models import build_model, model_keys
+from utils import data
+from utils.config import parse_config, print_config, save_config
+from utils.errors import UserError
+from utils.fusions import write_fusions
+from utils.io import atomic_path, write_json
+from utils.losses import loss_terms
+from utils.metrics import codebook_stats, image_metrics, to_uint8
+from utils.plots import image_grid, plot_codebook_usage, plot_losses, save_gif, save_png, upscale_nearest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE_COUNT = 8  # validation sprites shown in samples.gif
+LOG_EVERY = 10  # steps between progress-bar updates; each one reads the loss back from the device
+
+
+class TrainingDiverged(UserError):
+    """The loss stopped being finite; the last good checkpoint is kept."""
+
+
+def choose_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device {name!r} is not a device name (try auto, cpu or cuda)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} was asked for, but CUDA is not available here")
+    return device
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state():
+    """Every global RNG as plain types, so the checkpoint loads with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def batches(sprites, batch_size, device, order):
+    """Float image batches [B,3,H,W] in [0,1], cut from the packed uint8 array by indexing."""
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        x = torch.from_numpy(sprites.images[index]).to(device, non_blocking=True)
+        yield x.permute(0, 3, 1, 2).float().div_(255).contiguous(), index
+
+
+def run_epoch(model, model_type, sprites, config, device, epoch, optimizer=None, keep_outputs=False):
+    """One pass over `sprites`: training when an optimiser is given, else evaluation.
+
+    Returns (mean loss terms, dataset-wide code histogram or None, uint8 reconstructions or None).
+    The data order is a function of seed and epoch alone, so a resumed run sees what an
+    uninterrupted one would have."""
+    training = optimizer is not None
+    model.train(training)
+    count = len(sprites)
+    order = np.random.default_rng([config["seed"], epoch]).permutation(count) if training else np.arange(count)
+    vq = model_type == "vqvae"
+    codes = torch.zeros(model.quantizer.num_embeddings, dtype=torch.long, device=device) if vq else None
+    sums = collections.defaultdict(lambda: torch.zeros((), device=device))
+    first_bad_step = torch.full((), -1, device=device)
+    outputs = []
+    batch_size = config["batch_size"]
+    steps = -(-count // batch_size)
+    label = f"epoch {epoch + 1}/{config['epochs']} {'train' if training else 'eval'}"
+    bar = tqdm(batches(sprites, batch_size, device, order), total=steps, desc=label, leave=False,
+               dynamic_ncols=True, disable=None)
+    with torch.set_grad_enabled(training), torch.inference_mode(not training):
+        for step, (x, _) in enumerate(bar):
+            output = model(x)
+            terms = loss_terms(model_type, output, x, config)
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                terms["loss"].backward()
+                optimizer.step()
+            for key, value in terms.items():
+                sums[key] += value.detach().float() * len(x)
+            bad = ~torch.isfinite(terms["loss"].detach())
+            first_bad_step = torch.where(bad & (first_bad_step < 0), step, first_bad_step)
+            if vq:
+                codes += torch.bincount(output.indices.flatten(), minlength=len(codes))
+            if keep_outputs:
+                outputs.append(to_uint8(output.reconstruction.permute(0, 2, 3, 1)))
+            if step % LOG_EVERY == LOG_EVERY - 1 or step == steps - 1:
+                if first_bad_step.item() >= 0:
+                    raise TrainingDiverged(
+                        f"the {'training' if training else 'evaluation'} loss became non-finite at step "
+                        f"{int(first_bad_step.item()) + 1} of epoch {epoch + 1}; stopped, and the last "
+                        "good checkpoint is kept (lower learning_rate, then --resume=True)")
+                shown = {"loss": f"{sums['loss'].item() / min(count, (step + 1) * batch_size):.4f}"}
+                if vq:
+                    shown["codes"] = int((codes > 0).sum())
+                bar.set_postfix(shown)
+    means = {key: value.item() / count for key, value in sums.items()}
+    reconstructions = np.concatenate(outputs) if keep_outputs else None
+    return means, (codes.cpu().numpy() if vq else None), reconstructions
+
+
+def architecture(config, model_type):
+    """The config keys a checkpoint must agree on to be loaded into this model."""
+    return {key: config.get(key) for key in model_keys(model_type) + ["image_size"]}
+
+
+def load_checkpoint(path):
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"no checkpoint at {path} to resume from; start without --resume")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(f"checkpoint {path} cannot be loaded safely: {reason}") from None
+
+
+def check_architecture(saved, config, model_type, path):
+    mine, theirs = architecture(config, model_type), architecture(saved, model_type)
+    differ = {key: (theirs[key], mine[key]) for key in mine if mine[key] != theirs[key]}
+    if differ:
+        listed = ", ".join(f"{k} (checkpoint {a!r}, config {b!r})" for k, (a, b) in differ.items())
+        raise UserError(f"checkpoint {path} was made with a different architecture: {listed}")
+
+
+def prepare_output_dir(out, config):
+    """Refuse to mix two runs in one folder unless asked; returns the checkpoint path."""
+    checkpoint = out / "checkpoint.pt"
+    if config["resume"]:
+        return checkpoint
+    if (out / "config.json").exists() and not config["overwrite"]:
+        raise UserError(f"{out} already holds an experiment; continue it with --resume=True, "
+                        "replace it with --overwrite=True, or choose another --experiment_name")
+    if out.exists() and config["overwrite"]:
+        shutil.rmtree(out)
+    return checkpoint
+
+
+def pick_samples(sprites, seed):
+    """A fixed set of validation sprites on white with no augmentation, when there are enough."""
+    plain = [i for i, name in enumerate(sprites.names) if name.endswith("__white__orig.png")]
+    pool = plain if len(plain) >= SAMPLE_COUNT else list(range(len(sprites)))
+    chosen = np.random.default_rng(seed).choice(len(pool), min(SAMPLE_COUNT, len(pool)), replace=False)
+    return np.array(sorted(pool[i] for i in chosen))
+
+
+def sample_frame(model, sprites, index, device):
+    """Inputs over their reconstructions, one row each, as a uint8 grid."""
+    model.eval()
+    with torch.inference_mode():
+        x, _ = next(batches(sprites, len(index), device, index))
+        out = to_uint8(model(x).reconstruction.permute(0, 2, 3, 1))
+    return image_grid(np.concatenate([sprites.images[index], out]), ncols=len(index))
+
+
+def save_checkpoint(path, model, optimizer, epoch, history, frames, config, model_type):
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+             "history": history, "frames": torch.from_numpy(np.stack(frames)), "config": config,
+             "model_type": model_type, "rng": rng_state()}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def save_model(path, model, config, model_type):
+    with atomic_path(path) as tmp:
+        torch.save({"model": model.state_dict(), "config": config, "model_type": model_type}, tmp)
+
+
+def write_reconstructions(folder, names, images):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, image in zip(names, images):
+        save_png(image, folder / name)
+
+
+def summary_table(metrics):
+    keys = ["mse", "ssim", "psnr", "exact_pixel_rate", "sprite_exact_pixel_rate", "input_colours",
+            "output_colours", "foreign_colour_rate", "codes_used", "perplexity",
+            "train_images_per_second"]
+    rows = [(k, metrics[k]) for k in keys if k in metrics]
+    return "\n".join(f"  {k:<24s} {v:.4f}" if isinstance(v, float) else f"  {k:<24s} {v}" for k, v in rows)
+
+
+def train(model_type, config):
+    """Train, evaluate and write every output of one experiment; returns its metrics."""
+    print_config(config)
+    out = (ROOT / config["output_dir"] / config["experiment_name"]).resolve()
+    checkpoint_path = prepare_output_dir(out, config)
+    device = choose_device(config["device"])
+    seed_everything(config["seed"])
+
+    data_dir = data.resolve_dataset(config["dataset"], config["image_size"])
+    train_set, val_set, test_set = (data.load_split(data_dir, s) for s in data.SPLITS)
+    if train_set.images.shape[1] != config["image_size"]:
+        raise UserError(f"{data_dir} holds {train_set.images.shape[1]}-pixel images, "
+                        f"but image_size is {config['image_size']}")
+    if 0 < config["max_train_images"] < len(train_set):
+        keep = np.sort(np.random.default_rng(config["seed"]).choice(len(train_set), config["max_train_images"], replace=False))
+        train_set = data.SpriteSet(train_set.images[keep], train_set.masks[keep], [train_set.names[i] for i in keep])
+
+    try:
+        model = build_model(model_type, config).to(device)
+    except ValueError as err:
+        raise UserError(f"the model config does not fit: {err}") from None
+    optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
+    history, frames, start_epoch = [], [], 0
+    if config["resume"]:
+        saved = load_checkpoint(checkpoint_path)
+        check_architecture(saved["config"], config, model_type, checkpoint_path)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        history, start_epoch = saved["history"], saved["epoch"] + 1
+        frames = list(saved["frames"].numpy())
+        set_rng_state(saved["rng"])
+        print(f"resumed {checkpoint_path} after epoch {start_epoch}")
+    save_config(config, out / "config.json")
+
+    samples = pick_samples(val_set, config["seed"])
+    for epoch in range(start_epoch, config["epochs"]):
+        started = time.perf_counter()
+        train_terms, _, _ = run_epoch(model, model_type, train_set, config, device, epoch, optimizer)
+        seconds = time.perf_counter() - started
+        val_terms, val_codes, _ = run_epoch(model, model_type, val_set, config, device, epoch)
+        row = {"epoch": epoch + 1, "train_seconds": seconds, "train_images": len(train_set)}
+        row.update({f"train_{k}": v for k, v in train_terms.items()})
+        row.update({f"val_{k}": v for k, v in val_terms.items()})
+        if val_codes is not None:
+            stats = codebook_stats(val_codes)
+            row.update({"val_codes_used": stats["codes_used"], "val_perplexity": stats["perplexity"]})
+        history.append(row)
+        frames.append(sample_frame(model, val_set, samples, device))
+        save_checkpoint(checkpoint_path, model, optimizer, epoch, history, frames, config, model_type)
+        codes = f" codes {row['val_codes_used']}/{len(val_codes)}" if val_codes is not None else ""
+        print(f"epoch {epoch + 1}/{config['epochs']}: train loss {train_terms['loss']:.5f}, "
+              f"val loss {val_terms['loss']:.5f}{codes}, {len(train_set) / seconds:.1f} images/s")
+
+    save_model(out / "model.pt", model, config, model_type)
+    write_json(out / "history.json", history)
+    if history:
+        plot_losses(history, out / "losses.png")
+        save_gif(frames, out / "samples.gif")
+
+    _, test_codes, reconstructions = run_epoch(model, model_type, test_set, config, device,
+                                               config["epochs"], keep_outputs=True)
+    write_reconstructions(out / "reconstructions", test_set.names, reconstructions)
+    metrics = image_metrics(test_set.images, reconstructions, test_set.masks)
+    if test_codes is not None:
+        metrics.update(codebook_stats(test_codes))
+        plot_codebook_usage(history, test_codes, out / "codebook_usage.png")
+    train_seconds = sum(row["train_seconds"] for row in history)
+    metrics.update({
+        "epochs": len(history),
+        "test_images": len(test_set),
+        "train_seconds": round(train_seconds, 2),
+        "train_images_per_second": sum(r["train_images"] for r in history) / train_seconds if train_seconds else 0.0,
+        "device": str(device),
+    })
+    write_fusions(model, model_type, test_set, data_dir, out / "fusions", config, device)
+    comparison = np.concatenate([upscale_nearest(image_grid(test_set.images[:16], 16), 2),
+                                 upscale_nearest(image_grid(reconstructions[:16], 16), 2)])
+    save_png(comparison, out / "reconstruction_grid.png")
+    write_json(out / "metrics.json", metrics)
+    print(f"test metrics ({len(test_set)} images), written to {out}:")
+    print(summary_table(metrics))
+    return metrics
+
+
+def run_experiment(model_type, defaults, argv):
+    """Entry point of the training scripts: a user's mistake ends in one line, not a traceback."""
+    try:
+        return train(model_type, parse_config(defaults, argv))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
