@@ -5,14 +5,16 @@ from torch import nn
 
 from .decoder import Decoder
 from .encoder import Encoder
+from .pixelcnn import GatedPixelCNN, bits_per_code, negative_log_likelihood, sample_codes
 from .quantizer import QuantizerOutput, VectorQuantizerEMA
 from .vae import VAE, VAEOutput
 from .vqvae import VQVAE, VQVAEOutput
 
 MODELS = {"vae": VAE, "vqvae": VQVAE}
 
-__all__ = ["Decoder", "Encoder", "MODELS", "QuantizerOutput", "VAE", "VAEOutput", "VQVAE",
-           "VQVAEOutput", "VectorQuantizerEMA", "build_model", "model_keys"]
+__all__ = ["Decoder", "Encoder", "GatedPixelCNN", "MODELS", "QuantizerOutput", "VAE", "VAEOutput",
+           "VQVAE", "VQVAEOutput", "VectorQuantizerEMA", "bits_per_code", "build_model", "model_keys",
+           "negative_log_likelihood", "sample_codes"]
 
 
 def model_keys(model_type: str) -> list[str]:

@@ -1,7 +1,20 @@
 """The convolutional decoder: the encoder in reverse."""
+import torch
 from torch import Tensor, nn
 
 from .encoder import conv_block, layer_widths
+
+
+# A plain sigmoid reaches the 0 and 255 of black and white, the commonest colours of pixel art,
+# only for pre-activations beyond +-6.2, which MSE approaches ever more slowly: outlines and
+# backgrounds then never come out exact. Stretched by 5% each way, 0 and 1 lie at +-3.0, at
+# finite optima of the loss; images are clamped to [0, 1] when they are rounded to uint8.
+OUTPUT_MARGIN = 0.05
+
+
+class StretchedSigmoid(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(x) * (1 + 2 * OUTPUT_MARGIN) - OUTPUT_MARGIN
 
 
 class Decoder(nn.Module):
@@ -10,7 +23,7 @@ class Decoder(nn.Module):
     Mirrors `Encoder` with the same arguments: PixelSight becomes a 1x1 convolution from
     `in_channels` up to `pixelsight_filters` at the start, each 2x2 stride-2 convolution a 2x2
     stride-2 transposed convolution, and the adapter a 1x1 convolution to `out_channels` at the end.
-    A sigmoid keeps the output in the [0, 1] range of the images.
+    A sigmoid, stretched by `OUTPUT_MARGIN` each way, maps to the [0, 1] range of the images.
     """
 
     def __init__(self, num_layers: int, in_channels: int, adapter_layer: bool = False,
@@ -33,7 +46,7 @@ class Decoder(nn.Module):
                 conv = nn.ConvTranspose2d(channels, width, 2, stride=2, bias=last)
             layers += conv_block(conv, activate=not last)
             channels = width
-        layers.append(nn.Sigmoid())
+        layers.append(StretchedSigmoid())
         self.layers = nn.Sequential(*layers)
 
     def forward(self, z: Tensor) -> Tensor:

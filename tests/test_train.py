@@ -1,41 +1,17 @@
 """The three training scripts, end to end on tiny synthetic sprites, through their real command line."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from tests.sprites import write_species_folders
-from utils.data import PrepareOptions, prepare
+from tests.conftest import TINY, train
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY_VQ = ["--pixelsight_filters=16", "--num_embeddings=16", "--embedding_dim=8"]
-TINY = {
-    "train_pixel_vqvae.py": TINY_VQ,
-    "train_vqvae.py": ["--num_layers=1"] + TINY_VQ,
-    "train_vae.py": ["--num_layers=2", "--max_filters=16", "--latent_dim=8"],
-}
 EVERY_OUTPUT = ["config.json", "model.pt", "checkpoint.pt", "history.json", "losses.png", "samples.gif",
                 "metrics.json", "reconstruction_grid.png", "fusions/pairs.json", "fusions/overview.png"]
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    write_species_folders(root / "src", species=20, per_species=2)
-    prepare(root / "src", root / "data", PrepareOptions(image_size=16, rotations=(15,)), log=lambda _: None, workers=1)
-    return root / "data"
-
-
-def train(script, tmp_path, data_dir, *extra, name="run"):
-    args = [sys.executable, script, f"--dataset={data_dir}", f"--output_dir={tmp_path}", f"--experiment_name={name}",
-            "--image_size=16", "--batch_size=8", "--epochs=2", "--learning_rate=0.003", "--num_fusions=2",
-            "--fusion_steps=3", "--device=cpu", *TINY[script], *extra]
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("script", sorted(TINY))
@@ -62,11 +38,10 @@ def test_each_script_trains_end_to_end_and_writes_every_output(script, tmp_path,
     assert json.loads((out / "config.json").read_text())["epochs"] == 2
 
 
-def test_saved_reconstructions_are_exactly_what_the_model_outputs(tmp_path, tiny_data):
+def test_saved_reconstructions_are_exactly_what_the_model_outputs(tiny_experiment, tiny_data):
     from models import build_model
 
-    assert train("train_pixel_vqvae.py", tmp_path, tiny_data).returncode == 0
-    saved = torch.load(tmp_path / "run/model.pt", weights_only=True)
+    saved = torch.load(tiny_experiment / "model.pt", weights_only=True)
     model = build_model(saved["model_type"], saved["config"])
     model.load_state_dict(saved["model"])
     model.eval()
@@ -76,7 +51,7 @@ def test_saved_reconstructions_are_exactly_what_the_model_outputs(tmp_path, tiny
         out = model(torch.from_numpy(images[:4]).permute(0, 3, 1, 2).float() / 255).reconstruction
     expected = np.floor(out.permute(0, 2, 3, 1).clamp(0, 1).numpy().astype(np.float64) * 255 + 0.5).astype(np.uint8)
     for name, image in zip(names[:4], expected):
-        assert np.array_equal(np.asarray(Image.open(tmp_path / "run/reconstructions" / name)), image)
+        assert np.array_equal(np.asarray(Image.open(tiny_experiment / "reconstructions" / name)), image)
 
 
 def test_resume_continues_to_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny_data):

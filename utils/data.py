@@ -285,6 +285,13 @@ def composite(rgba, back):
     return mixed.astype(np.uint8)
 
 
+def sprite_image(data, size, background_name):
+    """One file's bytes as a model input exactly as preparation makes a test image: cropped,
+    centred, no augmentation, on a plain background. Returns (uint8 RGB, bool mask)."""
+    canvas, _ = crop_to_canvas(decode_rgba(data), size)
+    return composite(canvas, background(background_name, size, 0, "")), canvas[..., 3] > 0
+
+
 def image_name(key, bg, aug):
     return f"{key}__{bg}__{aug}.png"
 

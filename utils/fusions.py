@@ -59,6 +59,22 @@ def _images(batch):
     return to_uint8(batch.permute(0, 2, 3, 1))
 
 
+def write_pair(model, model_type, images, folder, steps, device):
+    """Blend, swap and interpolation of two uint8 images [2,H,W,3] into `folder`;
+    returns the blend and the swap."""
+    model.eval()
+    with torch.inference_mode():
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div(255)
+        blend = _images(fuse_latents(model, model_type, x[:1], x[1:], [0.5]))[0]
+        swapped = _images(swap(model, model_type, x[:1], x[1:]))[0]
+        strip = _images(fuse_latents(model, model_type, x[:1], x[1:], np.linspace(0, 1, steps)))
+    save_png(blend, folder / "blend.png")
+    save_png(swapped, folder / "swap.png")
+    save_png(image_grid(strip, len(strip), pad=0), folder / "interpolation.png")
+    save_gif(list(strip) + list(strip[::-1]), folder / "interpolation.gif", duration_ms=150)
+    return blend, swapped
+
+
 def write_fusions(model, model_type, sprites, data_dir, out, config, device):
     """Write fusions/pairs.json, one folder per pair and an overview grid; returns the pairs."""
     species = json.loads((Path(data_dir) / "manifest.json").read_text())["sprite_species"]
@@ -66,22 +82,12 @@ def write_fusions(model, model_type, sprites, data_dir, out, config, device):
     write_json(out / "pairs.json", [{"a": a, "b": b, "species_a": species[a.split("__")[0]],
                                      "species_b": species[b.split("__")[0]]} for a, b in pairs])
     position = {name: i for i, name in enumerate(sprites.names)}
-    weights = np.linspace(0, 1, config["fusion_steps"])
     rows = []
-    model.eval()
-    with torch.inference_mode():
-        for i, (a, b) in enumerate(pairs):
-            images = sprites.images[[position[a], position[b]]]
-            x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float().div(255)
-            blend = _images(fuse_latents(model, model_type, x[:1], x[1:], [0.5]))[0]
-            swapped = _images(swap(model, model_type, x[:1], x[1:]))[0]
-            strip = _images(fuse_latents(model, model_type, x[:1], x[1:], weights))
-            folder = out / f"{i:02d}_{a.split('__')[0]}+{b.split('__')[0]}"
-            save_png(blend, folder / "blend.png")
-            save_png(swapped, folder / "swap.png")
-            save_png(image_grid(strip, len(strip), pad=0), folder / "interpolation.png")
-            save_gif(list(strip) + list(strip[::-1]), folder / "interpolation.gif", duration_ms=150)
-            rows.extend([images[0], images[1], blend, swapped])
+    for i, (a, b) in enumerate(pairs):
+        images = sprites.images[[position[a], position[b]]]
+        folder = out / f"{i:02d}_{a.split('__')[0]}+{b.split('__')[0]}"
+        blend, swapped = write_pair(model, model_type, images, folder, config["fusion_steps"], device)
+        rows.extend([images[0], images[1], blend, swapped])
     if rows:
         save_png(upscale_nearest(image_grid(np.stack(rows), 4), 3), out / "overview.png")
     return pairs

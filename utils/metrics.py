@@ -184,7 +184,7 @@ def _paired_names(ref_dir, out_dir):
     return sorted(ref_names)
 
 
-def _load_rgb(path):
+def load_rgb(path):
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
@@ -192,7 +192,7 @@ def _load_rgb(path):
         raise UserError(f"cannot read {path}: {e}") from e
 
 
-def _size(image):
+def size_text(image):
     return f"{image.shape[1]}x{image.shape[0]}"
 
 
@@ -201,16 +201,16 @@ def load_pairs(ref_dir, out_dir):
     names = _paired_names(ref_dir, out_dir)
     refs, outs = [], []
     for name in names:
-        ref, out = _load_rgb(Path(ref_dir) / name), _load_rgb(Path(out_dir) / name)
+        ref, out = load_rgb(Path(ref_dir) / name), load_rgb(Path(out_dir) / name)
         if ref.shape != out.shape:
-            raise UserError(f"{name} is {_size(ref)} in {ref_dir} but {_size(out)} in {out_dir}")
+            raise UserError(f"{name} is {size_text(ref)} in {ref_dir} but {size_text(out)} in {out_dir}")
         if refs and ref.shape != refs[0].shape:
-            raise UserError(f"{name} is {_size(ref)} but {names[0]} is {_size(refs[0])}; "
+            raise UserError(f"{name} is {size_text(ref)} but {names[0]} is {size_text(refs[0])}; "
                             "every image must have the same size")
         refs.append(ref)
         outs.append(out)
     if min(refs[0].shape[:2]) < 11:
-        raise UserError(f"images are {_size(refs[0])}; SSIM's 11-pixel window needs 11x11 or more")
+        raise UserError(f"images are {size_text(refs[0])}; SSIM's 11-pixel window needs 11x11 or more")
     return np.stack(refs), np.stack(outs)
 
 

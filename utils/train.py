@@ -17,6 +17,7 @@ from tqdm import tqdm
 from models import build_model, model_keys
 from utils import data
 from utils.config import parse_config, print_config, save_config
+from utils.device import choose_device
 from utils.errors import UserError
 from utils.fusions import write_fusions
 from utils.io import atomic_path, write_json
@@ -31,18 +32,6 @@ LOG_EVERY = 10  # steps between progress-bar updates; each one reads the loss ba
 
 class TrainingDiverged(UserError):
     """The loss stopped being finite; the last good checkpoint is kept."""
-
-
-def choose_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device {name!r} is not a device name (try auto, cpu or cuda)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} was asked for, but CUDA is not available here")
-    return device
 
 
 def seed_everything(seed):
@@ -71,11 +60,14 @@ def set_rng_state(state):
 
 
 def batches(sprites, batch_size, device, order):
-    """Float image batches [B,3,H,W] in [0,1], cut from the packed uint8 array by indexing."""
+    """Float image batches [B,3,H,W] in [0,1], cut from the packed uint8 array by indexing.
+
+    The permuted HWC array is channels-last already, the layout the model is kept in: its 1x1
+    convolutions then run as plain matrix products, over twice as fast on the CPU."""
     for start in range(0, len(order), batch_size):
         index = order[start:start + batch_size]
         x = torch.from_numpy(sprites.images[index]).to(device, non_blocking=True)
-        yield x.permute(0, 3, 1, 2).float().div_(255).contiguous(), index
+        yield x.permute(0, 3, 1, 2).float().div_(255), index
 
 
 def run_epoch(model, model_type, sprites, config, device, epoch, optimizer=None, keep_outputs=False):
@@ -196,6 +188,20 @@ def save_model(path, model, config, model_type):
         torch.save({"model": model.state_dict(), "config": config, "model_type": model_type}, tmp)
 
 
+def load_model(experiment, device):
+    """(model in eval mode, model_type, config) from an experiment folder's model.pt."""
+    path = Path(experiment) / "model.pt"
+    if not path.exists():
+        raise UserError(f"{path} does not exist; train the experiment first, or name another folder")
+    saved = load_checkpoint(path)
+    try:
+        model = build_model(saved["model_type"], saved["config"])
+        model.load_state_dict(saved["model"])
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise UserError(f"{path} does not hold a model this code can rebuild: {str(err).splitlines()[0]}") from None
+    return model.to(device, memory_format=torch.channels_last).eval(), saved["model_type"], saved["config"]
+
+
 def write_reconstructions(folder, names, images):
     folder.mkdir(parents=True, exist_ok=True)
     for name, image in zip(names, images):
@@ -228,7 +234,7 @@ def train(model_type, config):
         train_set = data.SpriteSet(train_set.images[keep], train_set.masks[keep], [train_set.names[i] for i in keep])
 
     try:
-        model = build_model(model_type, config).to(device)
+        model = build_model(model_type, config).to(device, memory_format=torch.channels_last)
     except ValueError as err:
         raise UserError(f"the model config does not fit: {err}") from None
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
@@ -254,8 +260,7 @@ def train(model_type, config):
         row.update({f"train_{k}": v for k, v in train_terms.items()})
         row.update({f"val_{k}": v for k, v in val_terms.items()})
         if val_codes is not None:
-            stats = codebook_stats(val_codes)
-            row.update({"val_codes_used": stats["codes_used"], "val_perplexity": stats["perplexity"]})
+            row.update({f"val_{k}": v for k, v in codebook_stats(val_codes).items()})
         history.append(row)
         frames.append(sample_frame(model, val_set, samples, device))
         save_checkpoint(checkpoint_path, model, optimizer, epoch, history, frames, config, model_type)

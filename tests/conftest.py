@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny prepared sprite set and one tiny trained experiment."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.sprites import write_species_folders
+from utils.data import PrepareOptions, prepare
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_VQ = ["--pixelsight_filters=16", "--num_embeddings=16", "--embedding_dim=8"]
+TINY = {
+    "train_pixel_vqvae.py": TINY_VQ,
+    "train_vqvae.py": ["--num_layers=1"] + TINY_VQ,
+    "train_vae.py": ["--num_layers=2", "--max_filters=16", "--latent_dim=8"],
+}
+
+
+def train(script, output_dir, data_dir, *extra, name="run"):
+    """Run a training script through its real command line on tiny settings."""
+    args = [sys.executable, script, f"--dataset={data_dir}", f"--output_dir={output_dir}", f"--experiment_name={name}",
+            "--image_size=16", "--batch_size=8", "--epochs=2", "--learning_rate=0.003", "--num_fusions=2",
+            "--fusion_steps=3", "--device=cpu", *TINY[script], *extra]
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """20 synthetic species at 16x16, one rotation: 16/2/2 species per split."""
+    root = tmp_path_factory.mktemp("tiny")
+    write_species_folders(root / "src", species=20, per_species=2)
+    prepare(root / "src", root / "data", PrepareOptions(image_size=16, rotations=(15,)), log=lambda _: None, workers=1)
+    return root / "data"
+
+
+@pytest.fixture(scope="session")
+def tiny_experiment(tmp_path_factory, tiny_data):
+    """A Pixel VQ-VAE trained for two epochs on tiny_data; its outputs folder."""
+    out = tmp_path_factory.mktemp("experiments")
+    done = train("train_pixel_vqvae.py", out, tiny_data, name="pixel")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out / "pixel"

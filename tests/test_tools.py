@@ -1,0 +1,69 @@
+"""Using a trained model on the user's own sprites: utils.reconstruct and utils.fuse."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.sprites import sprite_rgba
+from utils import fuse, metrics, reconstruct
+
+
+@pytest.fixture
+def own_sprites(tmp_path):
+    """A folder of sprites in several PNG modes and sizes, and one file that is not an image."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    Image.fromarray(sprite_rgba(1), "RGBA").save(folder / "knight.png")
+    Image.fromarray(sprite_rgba(2, height=6, width=6), "RGBA").convert("P").save(folder / "slime.png")
+    Image.fromarray(sprite_rgba(3)[..., :3], "RGB").save(folder / "block.png")
+    (folder / "notes.txt").write_text("not a sprite")
+    return folder
+
+
+def test_reconstruct_writes_prepared_inputs_beside_reconstructions(tiny_experiment, own_sprites, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert reconstruct.main([str(tiny_experiment), str(own_sprites), str(out)]) == 0
+    assert "skipped notes.txt: not an image" in capsys.readouterr().out
+    names = ["block.png", "knight.png", "slime.png"]
+    assert sorted(p.name for p in (out / "inputs").iterdir()) == names
+    assert sorted(p.name for p in (out / "reconstructions").iterdir()) == names
+    knight = np.asarray(Image.open(out / "inputs/knight.png"))
+    rgba = sprite_rgba(1)
+    opaque_colours = {tuple(c) for c in rgba[rgba[..., 3] > 0][:, :3]}
+    assert knight.shape == (16, 16, 3)
+    assert {tuple(c) for c in knight.reshape(-1, 3)} <= opaque_colours | {(255, 255, 255)}
+    assert metrics.main([str(out / "inputs"), str(out / "reconstructions"), "--json", str(tmp_path / "m.json")]) == 0
+    assert 0 <= json.loads((tmp_path / "m.json").read_text())["exact_pixel_rate"] <= 1
+
+
+def test_reconstruct_on_a_black_background_puts_sprites_on_black(tiny_experiment, own_sprites, tmp_path):
+    assert reconstruct.main([str(tiny_experiment), str(own_sprites), str(tmp_path / "out"), "--background", "black"]) == 0
+    corner = np.asarray(Image.open(tmp_path / "out/inputs/knight.png"))[0, 0]
+    assert corner.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("problem", ["no_experiment", "no_folder"])
+def test_reconstruct_refuses_a_missing_experiment_or_folder_in_one_line(tiny_experiment, own_sprites, tmp_path, capsys, problem):
+    experiment = tmp_path / "nothing" if problem == "no_experiment" else tiny_experiment
+    folder = tmp_path / "nowhere" if problem == "no_folder" else own_sprites
+    assert reconstruct.main([str(experiment), str(folder), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and ("nothing" in err[0] or "nowhere" in err[0])
+    assert not (tmp_path / "out").exists()
+
+
+def test_fuse_writes_blend_swap_and_interpolation_of_two_named_sprites(tiny_experiment, own_sprites, tmp_path):
+    out = tmp_path / "fused"
+    assert fuse.main([str(tiny_experiment), str(own_sprites / "knight.png"), str(own_sprites / "slime.png"), str(out),
+                      "--steps", "4"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["blend.png", "inputs.png", "interpolation.gif",
+                                                      "interpolation.png", "swap.png"]
+    assert Image.open(out / "interpolation.png").size == (4 * 16, 16)
+    assert Image.open(out / "inputs.png").size == (2 * 16, 16)
+
+
+def test_fuse_refuses_a_file_that_is_not_a_sprite(tiny_experiment, own_sprites, tmp_path, capsys):
+    assert fuse.main([str(tiny_experiment), str(own_sprites / "knight.png"), str(own_sprites / "notes.txt"),
+                      str(tmp_path / "fused")]) == 2
+    assert "notes.txt cannot be used: not an image" in capsys.readouterr().err

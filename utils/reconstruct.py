@@ -1,0 +1,86 @@
+"""Reconstruct a folder of your own sprites with a trained model.
+
+    python -m utils.reconstruct EXPERIMENT IN_DIR OUT_DIR [--background white|black]
+
+EXPERIMENT is a folder under outputs/ (or a path to one). Every image in IN_DIR (any PNG mode and
+size) is prepared exactly as the data pipeline prepares a test sprite, then written as
+OUT_DIR/inputs/<name>.png beside OUT_DIR/reconstructions/<name>.png, so that
+`python -m utils.metrics OUT_DIR/inputs OUT_DIR/reconstructions` compares them.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from utils import data
+from utils.device import choose_device
+from utils.errors import UserError
+from utils.metrics import to_uint8
+from utils.plots import save_png
+from utils.train import ROOT, load_model
+
+BATCH = 256
+
+
+def experiment_dir(name):
+    """An experiment by name under outputs/, or by path."""
+    path = Path(name)
+    return path if path.is_dir() else ROOT / "outputs" / name
+
+
+def read_sprites(folder, size, background, log=print):
+    """(names, uint8 images [N,H,W,3]) of every usable image in `folder`; the rest are named and skipped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder} is not a folder of sprites")
+    names, images = [], []
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        try:
+            image, _ = data.sprite_image(path.read_bytes(), size, background)
+        except data.SkipImage as why:
+            log(f"skipped {path.name}: {why}")
+            continue
+        names.append(path.stem + ".png")
+        images.append(image)
+    if not images:
+        raise UserError(f"no usable sprite in {folder}")
+    return names, np.stack(images)
+
+
+def reconstruct(model, images, device):
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(images), BATCH):
+            x = torch.from_numpy(images[start:start + BATCH]).to(device).permute(0, 3, 1, 2).float().div(255)
+            outputs.append(to_uint8(model(x).reconstruction.permute(0, 2, 3, 1)))
+    return np.concatenate(outputs)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m utils.reconstruct", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("experiment")
+    parser.add_argument("in_dir")
+    parser.add_argument("out_dir")
+    parser.add_argument("--background", choices=sorted(data.BACKGROUND_COLOURS), default="white")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    try:
+        device = choose_device(args.device)
+        model, _, config = load_model(experiment_dir(args.experiment), device)
+        names, images = read_sprites(args.in_dir, config["image_size"], args.background)
+        out = Path(args.out_dir)
+        for name, given, rebuilt in zip(names, images, reconstruct(model, images, device)):
+            save_png(given, out / "inputs" / name)
+            save_png(rebuilt, out / "reconstructions" / name)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"{len(names)} sprites reconstructed into {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
