@@ -21,8 +21,10 @@ config = dict(
     embedding_dim=32,
     commitment_cost=0.25,
     ema_decay=0.99,
-    kmeans_init=False,  # place the codebook by k-means on the first batch
-    dead_code_threshold=0.0,  # restart codes whose EMA use falls below this; 0 = off
+    # Not in the paper: without these two the codebook collapses to a dozen codes (as the
+    # reference does); --kmeans_init=False --dead_code_threshold=0 gives the paper's quantiser.
+    kmeans_init=True,  # place the codebook by k-means++ on the first batch
+    dead_code_threshold=0.5,  # restart codes whose EMA use falls below this; 0 = off
     use_ssim_loss=False,  # the paper's optional SSIM term
     ssim_weight=1.0,
     batch_size=64,

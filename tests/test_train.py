@@ -1,17 +1,17 @@
 """The three training scripts, end to end on tiny synthetic sprites, through their real command line."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import TINY, train
+from tests.conftest import ROOT, TINY, train
 
 EVERY_OUTPUT = ["config.json", "model.pt", "checkpoint.pt", "history.json", "losses.png", "samples.gif",
                 "metrics.json", "reconstruction_grid.png", "fusions/pairs.json", "fusions/overview.png"]
-
-
 
 
 @pytest.mark.parametrize("script", sorted(TINY))
@@ -92,3 +92,21 @@ def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path, tiny_data
     done = train("train_vqvae.py", tmp_path, tiny_data, "--resume=True", "--num_embeddings=32")
     assert done.returncode == 2
     assert "num_embeddings (checkpoint 16, config 32)" in done.stderr
+
+
+@pytest.mark.e2e
+def test_a_short_run_on_the_real_sprites_writes_every_output(tmp_path):
+    """The default VQ-VAE on 640 real training images; data is fetched and prepared if missing."""
+    done = subprocess.run([sys.executable, "train_vqvae.py", f"--output_dir={tmp_path}", "--epochs=1",
+                           "--max_train_images=640", "--learning_rate=0.001", "--device=cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "vqvae"
+    for name in EVERY_OUTPUT + ["codebook_usage.png"]:
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    manifest = json.loads((ROOT / "data/pokemon/manifest.json").read_text())
+    assert metrics["test_images"] == manifest["splits"]["test"]["images"]
+    assert len(list((out / "reconstructions").iterdir())) == metrics["test_images"]
+    # A constant grey output scores about 0.25 on white and black backgrounds.
+    assert metrics["mse"] < 0.2 and metrics["codes_used"] > 1

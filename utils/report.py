@@ -1,0 +1,176 @@
+"""Compare every experiment under an outputs folder: one markdown table, and what evaluate.ipynb reads.
+
+    python -m utils.report                  # writes outputs/report.md and prints the table
+    python -m utils.report --outputs DIR
+"""
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+
+from utils.data import DATA, ROOT
+from utils.errors import UserError
+from utils.io import atomic_path
+
+# The experiment each training script writes by default, in the paper's order.
+DEFAULT_EXPERIMENTS = {"vae": "train_vae.py", "vqvae": "train_vqvae.py", "pixel_vqvae": "train_pixel_vqvae.py"}
+FIGURES = {"reconstructions": "reconstruction_grid.png", "fusions": "fusions/overview.png",
+           "samples": "samples.gif"}
+HEADER = ("experiment", "model", "epochs", "training images seen", "test MSE", "SSIM", "PSNR",
+          "exact pixels", "sprite exact pixels", "colours out / in", "codes used", "train seconds",
+          "images/s")
+ALIGN = (":--", ":--") + ("--:",) * (len(HEADER) - 2)
+
+
+def _read_json(path):
+    """The JSON held in `path`, or None when there is no such file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path} is not valid JSON: {err}") from None
+
+
+@dataclasses.dataclass
+class Experiment:
+    """What one training run left in its folder; `metrics` is None until the run has finished."""
+    path: Path
+    config: dict
+    metrics: dict | None
+    history: list
+
+    @property
+    def name(self):
+        return self.path.name
+
+    @property
+    def is_vq(self):
+        return "num_embeddings" in self.config
+
+    @property
+    def model(self):
+        """The model in the paper's words and the shape of its latent, e.g. 'Pixel VQ-VAE, 64x64 codes'."""
+        c = self.config
+        if not c:
+            return "unknown (no config.json)"
+        if not self.is_vq:
+            return f"VAE, {c['latent_dim']}-d latent"
+        side = c["image_size"] // 2 ** c["num_layers"]
+        pixel = c.get("adapter_layer") or c.get("pixelsight_filters", 0) > 0
+        return f"{'Pixel VQ-VAE' if pixel else 'VQ-VAE'}, {side}x{side} codes"
+
+
+def load_experiments(outputs_dir):
+    """Every experiment folder under `outputs_dir`: the three default ones first, then by name."""
+    outputs_dir = Path(outputs_dir)
+    hint = "train a model first, e.g. python train_pixel_vqvae.py"
+    if not outputs_dir.is_dir():
+        raise UserError(f"outputs folder {outputs_dir} does not exist; {hint}")
+    folders = [p for p in outputs_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if not folders:
+        raise UserError(f"outputs folder {outputs_dir} holds no experiments; {hint}")
+    order = list(DEFAULT_EXPERIMENTS)
+    folders.sort(key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
+    return [Experiment(p, _read_json(p / "config.json") or {}, _read_json(p / "metrics.json"),
+                       _read_json(p / "history.json") or []) for p in folders]
+
+
+def _percent(rate):
+    return f"{100 * rate:.1f}%"
+
+
+def _row(e):
+    if e.metrics is None:
+        return [e.name, e.model, "unfinished"] + [""] * (len(HEADER) - 3)
+    m = e.metrics
+    codes = f"{m['codes_used']}/{e.config['num_embeddings']}" if e.is_vq else "-"
+    return [e.name, e.model, str(m["epochs"]), str(sum(row["train_images"] for row in e.history)),
+            f"{m['mse']:.5f}", f"{m['ssim']:.4f}", f"{m['psnr']:.2f}", _percent(m["exact_pixel_rate"]),
+            _percent(m["sprite_exact_pixel_rate"]), f"{m['output_colours']:.1f} / {m['input_colours']:.1f}",
+            codes, f"{m['train_seconds']:.1f}", f"{m['train_images_per_second']:.0f}"]
+
+
+def _table(experiments):
+    rows = [HEADER, ALIGN] + [_row(e) for e in experiments]
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def report_table(outputs_dir):
+    """The markdown table of every experiment under `outputs_dir`, unfinished ones marked so."""
+    return _table(load_experiments(outputs_dir))
+
+
+def _figure_links(experiments):
+    """Per finished experiment, links to its figures relative to the outputs folder."""
+    lines = []
+    for e in experiments:
+        links = [f"[{label}]({quote(f'{e.name}/{file}')})" for label, file in FIGURES.items()
+                 if (e.path / file).exists()]
+        if e.metrics is not None and links:
+            lines.append(f"- **{e.name}**: " + ", ".join(links))
+    return "\n".join(lines)
+
+
+def write_report(outputs_dir):
+    """Write `outputs_dir`/report.md: the table, then links to every experiment's figures.
+
+    Returns the table."""
+    experiments = load_experiments(outputs_dir)
+    table = _table(experiments)
+    text = f"# Experiments\n\n{table}\n\n## Figures\n\n{_figure_links(experiments)}\n"
+    with atomic_path(Path(outputs_dir) / "report.md") as tmp:
+        tmp.write_text(text)
+    return table
+
+
+def reference_dir(config):
+    """The folder of test images that an experiment's reconstructions pair with by name."""
+    dataset = config.get("dataset", "pokemon")
+    return (DATA / "pokemon" if dataset == "pokemon" else ROOT / dataset) / "test"
+
+
+def shared_sprites(experiments, count):
+    """Up to `count` test sprite names that every experiment reconstructed.
+
+    The first experiment's fusion pairs come first: they are unaugmented and on white, so the
+    sprite itself is compared rather than a rotation's stair-stepped edges."""
+    if not experiments:
+        return []
+    common = set.intersection(*({p.name for p in (e.path / "reconstructions").glob("*.png")}
+                                for e in experiments))
+    pairs = _read_json(experiments[0].path / "fusions" / "pairs.json") or []
+    preferred = [name for pair in pairs for name in (pair["a"], pair["b"])]
+    return [name for name in dict.fromkeys(preferred + sorted(common)) if name in common][:count]
+
+
+def worst_window(error, size):
+    """(top, left) of the size x size window of an [H, W] error map with the largest total error."""
+    # Summed-area table: every window's total from four corners, without a loop over windows.
+    total = np.pad(np.asarray(error, np.float64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    sums = total[size:, size:] - total[:-size, size:] - total[size:, :-size] + total[:-size, :-size]
+    top, left = np.unravel_index(np.argmax(sums), sums.shape)
+    return int(top), int(left)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m utils.report", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--outputs", type=Path, default=ROOT / "outputs",
+                        help="folder of experiments (default: outputs/ of this repository)")
+    args = parser.parse_args(argv)
+    try:
+        print(write_report(args.outputs))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.outputs / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
