@@ -144,5 +144,8 @@ def plot_codebook_usage(history, counts, path):
                  f"perplexity {stats['perplexity']:.1f}")
     ax.set_xlabel("code, by use")
     ax.set_ylabel("times chosen")
+    # Background codes are chosen millions of times, sprite colours thousands: only a log
+    # scale shows both.
+    ax.set_yscale("log")
     _save_figure(fig, path)
     return terms

@@ -158,11 +158,11 @@ def prepare_output_dir(out, config):
     return checkpoint
 
 
-def pick_samples(sprites, seed):
-    """A fixed set of validation sprites on white with no augmentation, when there are enough."""
+def pick_samples(sprites, seed, count=SAMPLE_COUNT):
+    """A fixed, seeded choice of sprites on white with no augmentation, when there are enough."""
     plain = [i for i, name in enumerate(sprites.names) if name.endswith("__white__orig.png")]
-    pool = plain if len(plain) >= SAMPLE_COUNT else list(range(len(sprites)))
-    chosen = np.random.default_rng(seed).choice(len(pool), min(SAMPLE_COUNT, len(pool)), replace=False)
+    pool = plain if len(plain) >= count else list(range(len(sprites)))
+    chosen = np.random.default_rng(seed).choice(len(pool), min(count, len(pool)), replace=False)
     return np.array(sorted(pool[i] for i in chosen))
 
 
@@ -290,8 +290,8 @@ def train(model_type, config):
         "device": str(device),
     })
     write_fusions(model, model_type, test_set, data_dir, out / "fusions", config, device)
-    comparison = np.concatenate([upscale_nearest(image_grid(test_set.images[:16], 16), 2),
-                                 upscale_nearest(image_grid(reconstructions[:16], 16), 2)])
+    shown = pick_samples(test_set, config["seed"], count=16)
+    comparison = upscale_nearest(image_grid(np.concatenate([test_set.images[shown], reconstructions[shown]]), len(shown)), 2)
     save_png(comparison, out / "reconstruction_grid.png")
     write_json(out / "metrics.json", metrics)
     print(f"test metrics ({len(test_set)} images), written to {out}:")
