@@ -2,6 +2,8 @@
 import torch
 from torch import Tensor, nn
 
+from .pointwise import fused_pointwise, is_pointwise_stack
+
 from .encoder import conv_block, layer_widths
 
 
@@ -48,6 +50,11 @@ class Decoder(nn.Module):
             channels = width
         layers.append(StretchedSigmoid())
         self.layers = nn.Sequential(*layers)
+        # Mirrors the encoder's fused path; the output squashing stays a layer of its own.
+        self.pointwise = len(self.layers) == 5 and is_pointwise_stack(self.layers[:4])
 
     def forward(self, z: Tensor) -> Tensor:
+        if self.pointwise and z.device.type == "cpu":
+            conv1, bn, _, conv2, output = self.layers
+            return output(fused_pointwise(z, conv1, bn, conv2))
         return self.layers(z)

@@ -1,6 +1,8 @@
 """The convolutional encoder shared by the VAE and the VQ-VAEs."""
 from torch import Tensor, nn
 
+from .pointwise import fused_pointwise, is_pointwise_stack
+
 
 def layer_widths(num_layers: int, widest_filters: int, adapter_layer: bool) -> list[int]:
     """Filters of each encoder layer, doubling up to `widest_filters` at the last one.
@@ -48,6 +50,12 @@ class Encoder(nn.Module):
             channels = width
         self.layers = nn.Sequential(*layers)
         self.out_channels = out_channels
+        # The Pixel VQ-VAE's all-1x1 encoder: fused on the CPU, where it is memory-bound. On a GPU
+        # the layer-by-layer path is faster.
+        self.pointwise = is_pointwise_stack(self.layers)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.pointwise and x.device.type == "cpu":
+            conv1, bn, _, conv2 = self.layers
+            return fused_pointwise(x, conv1, bn, conv2)
         return self.layers(x)
