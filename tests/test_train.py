@@ -96,9 +96,9 @@ def test_resume_refuses_a_checkpoint_of_another_architecture(tmp_path, tiny_data
 
 @pytest.mark.e2e
 def test_a_short_run_on_the_real_sprites_writes_every_output(tmp_path):
-    """The default VQ-VAE on 640 real training images; data is fetched and prepared if missing."""
+    """The default VQ-VAE on 6,400 real training images; data is fetched and prepared if missing."""
     done = subprocess.run([sys.executable, "train_vqvae.py", f"--output_dir={tmp_path}", "--epochs=1",
-                           "--max_train_images=640", "--learning_rate=0.001", "--device=cpu"],
+                           "--max_train_images=6400", "--learning_rate=0.003", "--device=cpu"],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "vqvae"
@@ -108,5 +108,5 @@ def test_a_short_run_on_the_real_sprites_writes_every_output(tmp_path):
     manifest = json.loads((ROOT / "data/pokemon/manifest.json").read_text())
     assert metrics["test_images"] == manifest["splits"]["test"]["images"]
     assert len(list((out / "reconstructions").iterdir())) == metrics["test_images"]
-    # A constant grey output scores about 0.25 on white and black backgrounds.
-    assert metrics["mse"] < 0.2 and metrics["codes_used"] > 1
+    # A constant grey output scores about 0.25 on white and black backgrounds; this run, 0.014.
+    assert metrics["mse"] < 0.05 and metrics["codes_used"] > 100
