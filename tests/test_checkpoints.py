@@ -1,0 +1,41 @@
+"""Checkpoints load safely: weights_only, and a clear error for damaged files."""
+import os
+
+import pytest
+import torch
+
+from utils.errors import UserError
+from utils.train import load_checkpoint, load_model
+
+
+class RunsCode:
+    """A pickle payload that would create a file if it were ever unpickled."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mknod, (str(self.marker),))
+
+
+def test_a_checkpoint_carrying_a_pickle_payload_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "payload_ran"
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": {}, "trap": RunsCode(marker)}, path)
+    with pytest.raises(UserError, match="cannot be loaded safely"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
+def test_a_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}, "epoch": 3}, path)
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(UserError, match=f"checkpoint {path} cannot be loaded safely"):
+        load_checkpoint(path)
+
+
+def test_a_model_file_without_a_rebuildable_model_is_a_clear_error(tmp_path):
+    torch.save({"model": {}, "config": {}, "model_type": "gan"}, tmp_path / "model.pt")
+    with pytest.raises(UserError, match="does not hold a model this code can rebuild"):
+        load_model(tmp_path, "cpu")
