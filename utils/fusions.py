@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from utils.io import write_json
-from utils.metrics import to_uint8
+from utils.images import from_batch, to_batch
 from utils.plots import image_grid, save_gif, save_png, upscale_nearest
 
 
@@ -55,19 +55,15 @@ def swap(model, model_type, xa, xb):
     return model.decode_indices(torch.cat([ia[:, :half], ib[:, half:]], 1))
 
 
-def _images(batch):
-    return to_uint8(batch.permute(0, 2, 3, 1))
-
-
 def write_pair(model, model_type, images, folder, steps, device):
     """Blend, swap and interpolation of two uint8 images [2,H,W,3] into `folder`;
     returns the blend and the swap."""
     model.eval()
     with torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div(255)
-        blend = _images(fuse_latents(model, model_type, x[:1], x[1:], [0.5]))[0]
-        swapped = _images(swap(model, model_type, x[:1], x[1:]))[0]
-        strip = _images(fuse_latents(model, model_type, x[:1], x[1:], np.linspace(0, 1, steps)))
+        x = to_batch(images, device)
+        blend = from_batch(fuse_latents(model, model_type, x[:1], x[1:], [0.5]))[0]
+        swapped = from_batch(swap(model, model_type, x[:1], x[1:]))[0]
+        strip = from_batch(fuse_latents(model, model_type, x[:1], x[1:], np.linspace(0, 1, steps)))
     save_png(blend, folder / "blend.png")
     save_png(swapped, folder / "swap.png")
     save_png(image_grid(strip, len(strip), pad=0), folder / "interpolation.png")

@@ -17,7 +17,7 @@ import torch
 from utils import data
 from utils.device import choose_device
 from utils.errors import UserError
-from utils.metrics import to_uint8
+from utils.images import from_batch, to_batch
 from utils.plots import save_png
 from utils.train import ROOT, load_model
 
@@ -53,8 +53,7 @@ def reconstruct(model, images, device):
     outputs = []
     with torch.inference_mode():
         for start in range(0, len(images), BATCH):
-            x = torch.from_numpy(images[start:start + BATCH]).to(device).permute(0, 3, 1, 2).float().div(255)
-            outputs.append(to_uint8(model(x).reconstruction.permute(0, 2, 3, 1)))
+            outputs.append(from_batch(model(to_batch(images[start:start + BATCH], device)).reconstruction))
     return np.concatenate(outputs)
 
 
