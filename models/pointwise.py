@@ -13,10 +13,10 @@ x A^T + b. That folding, and mu_x and Sigma_x, are ordinary differentiable ops o
 autograd carries the gradient through the batch statistics; only the wide chunked core,
 (x, A, b, W2, bias2) -> relu(x A^T + b) W2^T + bias2, has a hand-written backward.
 """
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 from torch import Tensor, nn
+
+from .threads import row_chunks, run_on_threads
 
 # Bytes of hidden activations per chunk: 1 MiB is one core's L2 cache on the development CPU
 # (Zen 4), 512 rows of 512 fp32 channels. Half and double that measured within a few percent in
@@ -26,36 +26,6 @@ HIDDEN_BYTES_PER_CHUNK = 2**20
 
 def default_chunk_rows(hidden: int, dtype: torch.dtype) -> int:
     return max(64, HIDDEN_BYTES_PER_CHUNK // (hidden * dtype.itemsize))
-
-
-def _chunks(rows: int, chunk_rows: int) -> list[tuple[int, int]]:
-    return [(start, min(start + chunk_rows, rows)) for start in range(0, rows, chunk_rows)]
-
-
-def _run_on_threads(work, chunks: list[tuple[int, int]], device: torch.device) -> list:
-    """work(chunks) on as many Python threads as torch has intra-op threads, a contiguous share each.
-
-    Each op on a cache-sized chunk is too small to split across threads well, and an op split
-    across threads waits at its end for the slowest: on a busy machine, for a thread the scheduler
-    has put aside. One single-threaded share per thread meets only once, at the end.
-    """
-    caller_threads = torch.get_num_threads()
-    threads = min(caller_threads, len(chunks)) if device.type == "cpu" else 1
-    if threads < 2:
-        with torch.no_grad():
-            return [work(chunks)]
-    shares = [chunks[len(chunks) * i // threads:len(chunks) * (i + 1) // threads] for i in range(threads)]
-
-    def single_threaded(share):
-        torch.set_num_threads(1)  # this thread's OpenMP, but MKL's setting is process-wide...
-        with torch.no_grad():  # grad mode is per thread, and a new thread starts with it on
-            return work(share)
-
-    try:
-        with ThreadPoolExecutor(threads) as pool:
-            return list(pool.map(single_threaded, shares))
-    finally:
-        torch.set_num_threads(caller_threads)  # ...so put it back for the caller
 
 
 def _fused_linear_relu_available(x: Tensor) -> bool:
@@ -97,7 +67,7 @@ class PointwiseCore(torch.autograd.Function):
                 else:
                     torch.mm(hidden, W2t_low, out=out[start:stop])
 
-        _run_on_threads(work, _chunks(rows.shape[0], chunk_rows), rows.device)
+        run_on_threads(work, row_chunks(rows.shape[0], chunk_rows), rows.device)
         if bias2 is not None:
             out += bias2
         return out
@@ -142,7 +112,7 @@ class PointwiseCore(torch.autograd.Function):
                     grad_rows[start:stop] = grad_hidden @ At_low.t()
             return grad_At, grad_b, grad_W2
 
-        shares = _run_on_threads(work, _chunks(rows.shape[0], ctx.chunk_rows), rows.device)
+        shares = run_on_threads(work, row_chunks(rows.shape[0], ctx.chunk_rows), rows.device)
         grad_At, grad_b, grad_W2 = (sum(parts) for parts in zip(*shares))
         return (grad_rows, grad_At.t() if need_A else None, grad_b if need_b else None,
                 grad_W2 if need_W2 else None, grad_bias2, None, None)
@@ -164,43 +134,46 @@ def fused_pointwise(x: Tensor, conv1: nn.Conv2d, bn: nn.BatchNorm2d, conv2: nn.C
     Uses the modules' own parameters and buffers (running statistics are updated in training mode
     exactly as BatchNorm would), so a model keeps its state_dict either way. The result is in
     channels-last memory format for channels-last input, contiguous otherwise. `chunk_rows` 0 sizes
-    chunks by `HIDDEN_BYTES_PER_CHUNK`.
+    chunks by `HIDDEN_BYTES_PER_CHUNK`. Under a bfloat16 autocast the core's products run in bfloat16.
     """
-    batch, channels, height, width = x.shape
-    W1 = conv1.weight.reshape(conv1.out_channels, channels)
-    W2 = conv2.weight.reshape(conv2.out_channels, conv1.out_channels)
-    rows = x.permute(0, 2, 3, 1).reshape(-1, channels).to(W1.dtype)
-    # As nn.BatchNorm2d: batch statistics in training, or always when no running ones are kept.
-    use_batch_statistics = bn.training or bn.running_mean is None
-    if use_batch_statistics:
-        if rows.shape[0] < 2:
-            raise ValueError(f"BatchNorm needs more than 1 value per channel in training, got {tuple(x.shape)}")
-        # Centred rows make the core's shift BatchNorm's bias alone, and keep bfloat16's rounding
-        # error relative to the spread of the input rather than to its mean.
-        rows_mean = rows.mean(0)
-        rows = rows - rows_mean
-        covariance = rows.t() @ rows / rows.shape[0]
-        # Rounding can leave w^T Sigma w a hair below zero where BatchNorm's own variance cannot go.
-        variance = ((W1 @ covariance) * W1).sum(1).clamp(min=0)
-        if bn.training and bn.track_running_stats:
-            mean = W1 @ rows_mean.detach()
-            if conv1.bias is not None:
-                mean = mean + conv1.bias.detach()
-            _update_running_statistics(bn, mean, variance.detach(), rows.shape[0])
-        scale = torch.rsqrt(variance + bn.eps)
-        shift = torch.zeros_like(scale)
-    else:
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        shift = -bn.running_mean * scale
-        if conv1.bias is not None:
-            shift = shift + conv1.bias * scale
-    if bn.affine:
-        scale = bn.weight * scale
-        shift = bn.weight * shift + bn.bias
-    A = scale.unsqueeze(1) * W1
-    chunk_rows = chunk_rows or default_chunk_rows(A.shape[0], torch.bfloat16 if bfloat16 else A.dtype)
-    # The core's hand-written matrix products must not be recast by an enclosing autocast.
+    bfloat16 = bfloat16 or (torch.is_autocast_enabled(x.device.type)
+                            and torch.get_autocast_dtype(x.device.type) == torch.bfloat16)
+    # The statistics stay in float32 under any autocast (a bfloat16 covariance loses the small
+    # variances), and the core's hand-written products must not be recast by one.
     with torch.autocast(x.device.type, enabled=False):
+        batch, channels, height, width = x.shape
+        W1 = conv1.weight.reshape(conv1.out_channels, channels)
+        W2 = conv2.weight.reshape(conv2.out_channels, conv1.out_channels)
+        rows = x.permute(0, 2, 3, 1).reshape(-1, channels).to(W1.dtype)
+        # As nn.BatchNorm2d: batch statistics in training, or always when no running ones are kept.
+        use_batch_statistics = bn.training or bn.running_mean is None
+        if use_batch_statistics:
+            if rows.shape[0] < 2:
+                raise ValueError(f"BatchNorm needs more than 1 value per channel in training, got {tuple(x.shape)}")
+            # Centred rows make the core's shift BatchNorm's bias alone, and keep bfloat16's rounding
+            # error relative to the spread of the input rather than to its mean.
+            rows_mean = rows.mean(0)
+            rows = rows - rows_mean
+            covariance = rows.t() @ rows / rows.shape[0]
+            # Rounding can leave w^T Sigma w a hair below zero where BatchNorm's own variance cannot go.
+            variance = ((W1 @ covariance) * W1).sum(1).clamp(min=0)
+            if bn.training and bn.track_running_stats:
+                mean = W1 @ rows_mean.detach()
+                if conv1.bias is not None:
+                    mean = mean + conv1.bias.detach()
+                _update_running_statistics(bn, mean, variance.detach(), rows.shape[0])
+            scale = torch.rsqrt(variance + bn.eps)
+            shift = torch.zeros_like(scale)
+        else:
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            shift = -bn.running_mean * scale
+            if conv1.bias is not None:
+                shift = shift + conv1.bias * scale
+        if bn.affine:
+            scale = bn.weight * scale
+            shift = bn.weight * shift + bn.bias
+        A = scale.unsqueeze(1) * W1
+        chunk_rows = chunk_rows or default_chunk_rows(A.shape[0], torch.bfloat16 if bfloat16 else A.dtype)
         out = PointwiseCore.apply(rows, A, shift, W2, conv2.bias, chunk_rows, bfloat16)
     out = out.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
     if not x.is_contiguous(memory_format=torch.channels_last):

@@ -6,8 +6,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .threads import row_chunks, run_on_threads
+
 KMEANS_SAMPLES = 16384  # latents k-means sees; enough to place the codes, cheap at any batch size
 KMEANS_ITERATIONS = 10
+# Distances computed per block of rows: 4 MiB measured 2x faster than one matrix at 256 and 1024 codes.
+DISTANCE_BYTES_PER_CHUNK = 4 * 2**20
 
 
 class QuantizerOutput(NamedTuple):
@@ -18,8 +22,21 @@ class QuantizerOutput(NamedTuple):
 
 def nearest_code(x: Tensor, codebook: Tensor) -> Tensor:
     # ||x||^2 is the same for every code, so the argmin needs only ||e||^2 - 2 x.e.
-    distances = torch.addmm(codebook.square().sum(1), x, codebook.t(), alpha=-2)
-    return distances.argmin(1)
+    norms, codebook_t = codebook.square().sum(1), codebook.t()
+    if x.device.type != "cpu":
+        return torch.addmm(norms, x, codebook_t, alpha=-2).argmin(1)
+    # On the CPU the whole [rows, codes] matrix (256 MiB for a batch of the per-pixel model)
+    # would be written out and read back for the argmin; cache-sized blocks of it are not.
+    indices = torch.empty(len(x), dtype=torch.long)
+    block_rows = max(64, DISTANCE_BYTES_PER_CHUNK // (len(codebook) * x.dtype.itemsize))
+
+    def work(pieces):
+        for start, stop in pieces:
+            distances = torch.addmm(norms, x[start:stop], codebook_t, alpha=-2)
+            torch.argmin(distances, 1, out=indices[start:stop])
+
+    run_on_threads(work, row_chunks(len(x), block_rows), x.device)
+    return indices
 
 
 def kmeans(x: Tensor, k: int, iterations: int = KMEANS_ITERATIONS) -> Tensor:

@@ -376,3 +376,28 @@ def test_pixel_vqvae_learns_to_reproduce_sprites_pixel_exactly():
     model.eval()
     with torch.no_grad():
         assert exact_pixel_rate(model(held_out).reconstruction, held_out) > 0.95
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_nearest_code_in_cache_sized_blocks_on_two_threads_equals_the_whole_distance_matrix(inference):
+    torch.manual_seed(0)
+    x, codebook = torch.randn(20_000, 8), torch.randn(300, 8)
+    expected = (x.unsqueeze(1) - codebook).square().sum(2).argmin(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode(inference):
+            found = nearest_code(x, codebook)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(found, expected)
+
+
+@pytest.mark.parametrize("num_layers", [0, 2])
+def test_reconstructions_stay_float32_under_a_bfloat16_autocast(num_layers):
+    # bfloat16 steps of 1/256 near 1 could not land on every one of the 255 levels of a colour.
+    torch.manual_seed(0)
+    model = VQVAE(num_layers, 16, 8, adapter_layer=True, pixelsight_filters=32).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.rand(2, 3, 16, 16).contiguous(memory_format=torch.channels_last))
+    assert out.reconstruction.dtype == torch.float32

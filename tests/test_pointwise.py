@@ -209,3 +209,29 @@ def test_pixel_vqvae_training_step_matches_with_fused_layers():
     latents = fused_pointwise(x, encoder[0], encoder[1], encoder[3], chunk_rows=50)
     out = decoder[4](fused_pointwise(latents, decoder[0], decoder[1], decoder[3], chunk_rows=50))
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
+
+
+def test_fused_stack_evaluates_on_several_threads_under_inference_mode():
+    # Worker threads start outside the caller's inference mode; writing into its tensors there
+    # is refused, which a single chunk on the caller's thread never shows.
+    stack = pointwise_stack(dtype=torch.float32).eval()
+    x = pixels(size=16, dtype=torch.float32)
+    expected = stack(x)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            out = fused(stack, x, chunk_rows=64)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bfloat16_autocast_runs_the_core_in_bfloat16_and_the_statistics_in_float32():
+    stack = pointwise_stack(dtype=torch.float32)
+    x = pixels(dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = fused(stack, x)
+    assert under_autocast.dtype == torch.float32
+    assert torch.equal(under_autocast, fused(stack, x, bfloat16=True))
+    assert not torch.equal(under_autocast, fused(stack, x))

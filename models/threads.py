@@ -1,0 +1,37 @@
+"""Cache-sized chunks of rows, worked through on torch's threads, for the memory-bound CPU paths."""
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+
+def row_chunks(rows: int, chunk_rows: int) -> list[tuple[int, int]]:
+    return [(start, min(start + chunk_rows, rows)) for start in range(0, rows, chunk_rows)]
+
+
+def run_on_threads(work, chunks: list[tuple[int, int]], device: torch.device) -> list:
+    """work(chunks) on as many Python threads as torch has intra-op threads, a contiguous share each.
+
+    Each op on a cache-sized chunk is too small to split across threads well, and an op split
+    across threads waits at its end for the slowest: on a busy machine, for a thread the scheduler
+    has put aside. One single-threaded share per thread meets only once, at the end.
+    """
+    caller_threads = torch.get_num_threads()
+    threads = min(caller_threads, len(chunks)) if device.type == "cpu" else 1
+    if threads < 2:
+        with torch.no_grad():
+            return [work(chunks)]
+    shares = [chunks[len(chunks) * i // threads:len(chunks) * (i + 1) // threads] for i in range(threads)]
+    inference = torch.is_inference_mode_enabled()
+
+    def single_threaded(share):
+        torch.set_num_threads(1)  # this thread's OpenMP, but MKL's setting is process-wide...
+        # Grad and inference mode are per thread and a new thread starts with neither: outside
+        # the caller's inference mode, writing into tensors it made there is refused.
+        with torch.inference_mode(inference), torch.no_grad():
+            return work(share)
+
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(single_threaded, shares))
+    finally:
+        torch.set_num_threads(caller_threads)  # ...so put it back for the caller
