@@ -57,4 +57,8 @@ class Decoder(nn.Module):
         if self.pointwise and z.device.type == "cpu":
             conv1, bn, _, conv2, output = self.layers
             return output(fused_pointwise(z, conv1, bn, conv2))
-        return self.layers(z)
+        hidden = self.layers[:-2](z)
+        # The last layer in float32 even under a bfloat16 autocast: bfloat16 resolves steps of
+        # 1/256 near 1, too coarse to land on the 1/255 steps of the colours it must hit exactly.
+        with torch.autocast(z.device.type, enabled=False):
+            return self.layers[-1](self.layers[-2](hidden.float()))
