@@ -1,0 +1,259 @@
+"""Training throughput of every model configuration, beside the reference implementation's.
+
+    python bench/throughput.py                                 # every configuration, fp32 and bf16
+    python bench/throughput.py --configurations=vqvae --precisions=fp32 --repeats=3
+    python bench/throughput.py --prepare=True                  # also time preparing the full data set
+
+Each configuration and precision runs in a process of its own, so its peak memory is its own. It
+builds the model as its training script does and times the training loop itself (`run_epoch`:
+batches cut from packed uint8 arrays, forward, loss, backward, optimiser step): one warm-up pass
+(which also places the codebook by k-means), then `repeats` passes of `steps` batches; the median
+pass and the spread are reported. Model FLOPs per image (forward and backward, counted op by op on
+the plain layer-by-layer path) give the achieved rate, compared with this machine's matrix-multiply
+rate measured in the same run. Evaluation of the full test split is timed per configuration.
+Images are the prepared Pokemon training and test splits when `data/pokemon` exists, otherwise
+synthetic palette sprites of the same size.
+"""
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train_pixel_vqvae  # noqa: E402
+import train_vae  # noqa: E402
+import train_vqvae  # noqa: E402
+from models import build_model  # noqa: E402
+from utils import data  # noqa: E402
+from utils.config import parse_config  # noqa: E402
+from utils.device import choose_device  # noqa: E402
+from utils.io import write_json  # noqa: E402
+from utils.losses import loss_terms  # noqa: E402
+from utils.train import make_optimizer, run_epoch  # noqa: E402
+
+config = dict(
+    configurations="pixel_vqvae,pixel_vqvae_16x16,vqvae,vae",
+    precisions="fp32,bf16",  # training precisions to time each configuration in
+    batch_size=64,
+    steps=6,  # batches in each timed pass
+    repeats=5,  # timed passes; the median is reported, with the slowest and fastest
+    warmup_steps=2,
+    threads=0,  # torch's intra-op threads; 0 = torch's default for this machine
+    device="auto",
+    prepare=False,  # also time `utils.data` preparing the whole set from the fetched source
+    json="outputs/bench/throughput.json",
+    worker="",  # internal: 'configuration:precision' measured in this process
+)
+
+CONFIGURATIONS = {
+    "pixel_vqvae": ("vqvae", train_pixel_vqvae.config),
+    "pixel_vqvae_16x16": ("vqvae", {**train_pixel_vqvae.config, "num_layers": 2, "num_embeddings": 1024,
+                                    "embedding_dim": 64}),
+    "vqvae": ("vqvae", train_vqvae.config),
+    "vae": ("vae", train_vae.config),
+}
+TEST_IMAGES = 3816  # the prepared test split's size; evaluation is timed over this many images
+# The paper's reference implementation on this kind of 2-core machine, batch 64 (from issue #6):
+# images/s, peak memory in bytes, and the speed-up asked of this code.
+REFERENCE = {
+    "pixel_vqvae": (15, 3.9e9, 10),
+    "pixel_vqvae_16x16": (27, 2.4e9, 3),
+    "vqvae": (1830, 1.4e9, 3),
+    "vae": (140, 1.6e9, 3),
+}
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def splits(image_size, train_count, test_count, seed):
+    """(train, test) SpriteSets: the prepared Pokemon splits when present, else synthetic sprites."""
+    prepared = data.DATA / "pokemon"
+    if (prepared / "manifest.json").exists():
+        # Memory-mapped and copied in part, so peak memory is the model's, not the whole split's.
+        train, test = (np.load(prepared / f"{split}_images.npy", mmap_mode="r") for split in ("train", "test"))
+        if train.shape[1] == image_size and len(train) >= train_count and len(test) >= test_count:
+            return sprite_set(train[:train_count]), sprite_set(test[:test_count]), "prepared Pokemon splits"
+    rng = np.random.default_rng(seed)
+
+    def synthetic(count):
+        palette = rng.integers(0, 256, (count, 8, 3), dtype=np.uint8)
+        blocks = rng.integers(0, 8, (count, image_size // 4, image_size // 4))
+        pixels = np.take_along_axis(palette, blocks.reshape(count, -1, 1), 1)
+        images = pixels.reshape(count, image_size // 4, image_size // 4, 3).repeat(4, 1).repeat(4, 2)
+        return sprite_set(images)
+
+    return synthetic(train_count), synthetic(test_count), "synthetic palette sprites"
+
+
+def sprite_set(images):
+    images = np.array(images)
+    return data.SpriteSet(images, np.ones(images.shape[:3], bool), [f"{i}.png" for i in range(len(images))])
+
+
+def flops_per_image(model_type, run_config, model, device, batch=8):
+    """Forward and backward FLOPs of one image, counted op by op on the layer-by-layer path.
+
+    These are the model's FLOPs: the fused CPU path does somewhat more work (it recomputes its
+    hidden layer in backward) and runs it on threads the counter does not see."""
+    fused = [part for part in (getattr(model, "encoder", None), getattr(model, "decoder", None))
+             if getattr(part, "pointwise", False)]
+    for part in fused:
+        part.pointwise = False
+    x = torch.rand(batch, 3, run_config["image_size"], run_config["image_size"], device=device)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the counter sees only this thread; the quantiser's CPU blocks use others
+    with FlopCounterMode(display=False) as counter:
+        loss_terms(model_type, model(x), x, run_config)["loss"].backward()
+    torch.set_num_threads(threads)
+    model.zero_grad(set_to_none=True)
+    for part in fused:
+        part.pointwise = True
+    return counter.get_total_flops() / batch
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def measure(name, precision, cfg):
+    """One configuration at one precision, in this process."""
+    model_type, script_config = CONFIGURATIONS[name]
+    device = choose_device(cfg["device"])
+    run_config = {**script_config, "batch_size": cfg["batch_size"], "precision": precision, "epochs": 1}
+    torch.manual_seed(run_config["seed"])
+    batch = run_config["batch_size"]
+    train, test, source = splits(run_config["image_size"], batch * cfg["steps"], batch, run_config["seed"])
+    model = build_model(model_type, run_config).to(device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, run_config, device)
+    run_epoch(model, model_type, train.subset(batch * cfg["warmup_steps"]), run_config, device, 0, optimizer)
+    rates = []
+    for repeat in range(cfg["repeats"]):
+        synchronize(device)
+        started = time.perf_counter()
+        run_epoch(model, model_type, train, run_config, device, repeat + 1, optimizer)
+        synchronize(device)
+        rates.append(len(train) / (time.perf_counter() - started))
+    train_peak = peak_memory(device)
+
+    _, full_test, _ = splits(run_config["image_size"], batch, TEST_IMAGES, run_config["seed"])
+    synchronize(device)
+    started = time.perf_counter()
+    run_epoch(model, model_type, full_test, run_config, device, 0)
+    synchronize(device)
+    eval_rate = len(full_test) / (time.perf_counter() - started)
+    return {"configuration": name, "precision": precision, "device": str(device), "images": source,
+            "threads": torch.get_num_threads(), "batch_size": batch, "images_per_second": statistics.median(rates),
+            "images_per_second_min": min(rates), "images_per_second_max": max(rates),
+            "flops_per_image": flops_per_image(model_type, run_config, model, device),
+            "peak_memory_bytes": train_peak, "eval_images": len(full_test), "eval_images_per_second": eval_rate}
+
+
+def matmul_rate(device, dtype, size=2048, seconds=1.0):
+    """FLOP/s of square matrix products, the best of a second's worth."""
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    best = 0.0
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        synchronize(device)
+        started = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = max(best, 2 * size**3 / (time.perf_counter() - started))
+    return best
+
+
+def copy_bandwidth(device, megabytes=256, repeats=5):
+    """Bytes per second of a large tensor copy, reads and writes both counted."""
+    source = torch.ones(megabytes * 2**20 // 4, device=device)
+    target = torch.empty_like(source)
+    best = 0.0
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        target.copy_(source)
+        synchronize(device)
+        best = max(best, 2 * source.numel() * 4 / (time.perf_counter() - started))
+    return best
+
+
+def time_preparation(image_size):
+    """Seconds to prepare the whole set from the fetched source (fetching it first if needed)."""
+    data.fetch_pokemon()
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        data.prepare(None, Path(tmp) / "pokemon", data.PrepareOptions(image_size=image_size), log=lambda _: None)
+        return time.perf_counter() - started
+
+
+def table(results, ceilings):
+    lines = [f"{'configuration':<18} {'prec':<5} {'images/s':>9} {'spread':>13} {'x ref':>6} {'goal':>5} "
+             f"{'GFLOP/img':>9} {'GFLOP/s':>8} {'ceiling':>8} {'peak GB':>8} {'ref GB':>6} {'eval img/s':>10}"]
+    for r in results:
+        reference_rate, reference_memory, goal = REFERENCE[r["configuration"]]
+        achieved = r["flops_per_image"] * r["images_per_second"]
+        ceiling = ceilings[f"{r['device']}:{r['precision']}_matmul_flops"]
+        spread = f"{r['images_per_second_min']:.1f}-{r['images_per_second_max']:.1f}"
+        lines.append(f"{r['configuration']:<18} {r['precision']:<5} {r['images_per_second']:9.1f} {spread:>13} "
+                     f"{r['images_per_second'] / reference_rate:5.1f}x {goal:4d}x {r['flops_per_image'] / 1e9:9.2f} "
+                     f"{achieved / 1e9:8.1f} {achieved / ceiling:7.1%} {r['peak_memory_bytes'] / 1e9:8.2f} "
+                     f"{reference_memory / 1e9:6.1f} {r['eval_images_per_second']:10.0f}")
+    return "\n".join(lines)
+
+
+def main(argv):
+    cfg = parse_config(config, argv)
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    if cfg["worker"]:
+        name, precision = cfg["worker"].split(":")
+        print(json.dumps(measure(name, precision, cfg)))
+        return
+    device = choose_device(cfg["device"])
+    ceilings = {f"{device}:fp32_matmul_flops": matmul_rate(device, torch.float32),
+                f"{device}:bf16_matmul_flops": matmul_rate(device, torch.bfloat16),
+                f"{device}:copy_bytes_per_second": copy_bandwidth(device)}
+    print(f"{device}, {torch.get_num_threads()} threads: matrix multiply "
+          f"{ceilings[f'{device}:fp32_matmul_flops'] / 1e9:.0f} GFLOP/s fp32, "
+          f"{ceilings[f'{device}:bf16_matmul_flops'] / 1e9:.0f} GFLOP/s bf16; copy "
+          f"{ceilings[f'{device}:copy_bytes_per_second'] / 1e9:.1f} GB/s (read + write)", flush=True)
+    passed = [f"--{key}={cfg[key]}" for key in ("batch_size", "steps", "repeats", "warmup_steps", "threads", "device")]
+    results = []
+    for name in cfg["configurations"].split(","):
+        if name not in CONFIGURATIONS:
+            sys.exit(f"error: unknown configuration {name!r}; expected some of {', '.join(CONFIGURATIONS)}")
+        for precision in cfg["precisions"].split(","):
+            done = subprocess.run([sys.executable, __file__, f"--worker={name}:{precision}", *passed],
+                                  capture_output=True, text=True, cwd=ROOT)
+            if done.returncode:
+                sys.exit(f"error: {name} at {precision} failed:\n{done.stderr[-3000:]}")
+            results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"  {name} {precision}: {results[-1]['images_per_second']:.1f} images/s "
+                  f"({results[-1]['images']})", flush=True)
+    report = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "settings": cfg,
+              "ceilings": ceilings, "results": results}
+    if cfg["prepare"]:
+        report["prepare_seconds"] = time_preparation(train_pixel_vqvae.config["image_size"])
+    print(table(results, ceilings))
+    if "prepare_seconds" in report:
+        print(f"preparing the full data set: {report['prepare_seconds']:.1f} s")
+    write_json(ROOT / cfg["json"], report)
+    print(f"written to {cfg['json']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
