@@ -8,6 +8,9 @@ from pathlib import Path
 from utils.errors import UserError
 
 TEMP_SUFFIX = ".tmp"
+# mkstemp makes files only their owner can read; a finished file gets what open() would give it.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def _cannot_write(path, err):
@@ -36,6 +39,7 @@ def atomic_path(path):
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+        os.fchmod(fd, 0o666 & ~_UMASK)
         os.close(fd)
     except OSError as err:
         raise _cannot_write(path, err) from None
