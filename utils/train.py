@@ -128,8 +128,13 @@ def load_checkpoint(path):
     path = Path(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except pickle.UnpicklingError:
+        # torch's own message advises weights_only=False, which would run whatever the file holds.
+        raise UserError(f"checkpoint {path} cannot be loaded safely: it holds Python objects other than "
+                        "tensors and plain data, and is refused without running them") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
+        # The first sentence says what is wrong; torch's following ones speculate why.
+        reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
         raise UserError(f"checkpoint {path} cannot be loaded safely: {reason}") from None
 
 
