@@ -17,12 +17,26 @@ TINY = {
 }
 
 
-def train(script, output_dir, data_dir, *extra, name="run"):
-    """Run a training script through its real command line on tiny settings."""
-    args = [sys.executable, script, f"--dataset={data_dir}", f"--output_dir={output_dir}", f"--experiment_name={name}",
+def train(script, output_dir, data_dir, *extra, name="run", fail_at=None):
+    """Run a training script through its real command line on tiny settings; with `fail_at`,
+    through tests/fail_at.py, which makes it fail at that point."""
+    wrapper = ["tests/fail_at.py", fail_at] if fail_at else []
+    args = [sys.executable, *wrapper, script, f"--dataset={data_dir}", f"--output_dir={output_dir}", f"--experiment_name={name}",
             "--image_size=16", "--batch_size=8", "--epochs=2", "--learning_rate=0.003", "--num_fusions=2",
             "--fusion_steps=3", "--device=cpu", *TINY[script], *extra]
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def refusal(done):
+    """The line a user sees for a refused run, after checking it is not a traceback."""
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    return done.stderr.strip().splitlines()[-1]
+
+
+def files(folder):
+    """Every file under `folder` and its bytes, to show that nothing in it changed."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,8 @@ def test_a_checkpoint_carrying_a_pickle_payload_is_refused_without_running_it(tm
     marker = tmp_path / "payload_ran"
     path = tmp_path / "checkpoint.pt"
     torch.save({"model": {}, "trap": RunsCode(marker)}, path)
-    with pytest.raises(UserError, match="cannot be loaded safely"):
+    with pytest.raises(UserError, match="cannot be loaded safely: it holds Python objects other than tensors "
+                                         "and plain data, and is refused without running them"):
         load_checkpoint(path)
     assert not marker.exists()
 

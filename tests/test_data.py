@@ -173,8 +173,9 @@ def test_a_sprite_larger_than_the_canvas_is_centre_cropped_and_counted(tmp_path,
     big = np.zeros((40, 30, 4), np.uint8)
     big[..., 0], big[..., 3] = np.arange(40)[:, None] * 5, 255
     Image.fromarray(big, "RGBA").save(src / "sp04" / "big.png")
-    manifest, out, _ = prepared(tmp_path, src)
+    manifest, out, logs = prepared(tmp_path, src)
     assert manifest["centre_cropped"] == ["sp04/big.png"]
+    assert "centre-cropped 1 sprite(s) larger than the 24x24 canvas; manifest.json lists them under centre_cropped" in logs
     canvas, cropped = data.crop_to_canvas(big, 24)
     assert cropped and canvas.shape == (24, 24, 4)
     assert canvas[0, 3, 0] == 8 * 5 and (canvas[..., 3] > 0).sum() == 24 * 24
@@ -282,6 +283,21 @@ def test_a_verified_download_unpacks_only_what_is_used_and_is_not_fetched_twice(
     assert kept == ["SOURCE.json", "data/pokemon.json", "license.md", "pokemon-gen8/regular/bulbasaur.png"]
     data.fetch_pokemon(tmp_path / "pokemon", pack=pack)
     assert len(calls) == 1
+
+
+def test_a_packed_array_holding_pickled_objects_is_refused_not_unpickled(tmp_path, source):
+    _, out, _ = prepared(tmp_path, source[0])
+    np.save(out / "val_images.npy", np.array([object()] * 3, dtype=object), allow_pickle=True)
+    with pytest.raises(UserError, match=f"the packed val split in {out} cannot be read .*Object arrays cannot be loaded"):
+        load_split(out, "val")
+
+
+@pytest.mark.parametrize("damage", ["{not json", '{"parameters": {}}'])
+def test_a_damaged_manifest_is_a_clear_error(tmp_path, source, damage):
+    _, out, _ = prepared(tmp_path, source[0])
+    (out / "manifest.json").write_text(damage)
+    with pytest.raises(UserError, match="manifest.json is damaged; prepare the data set again with --force"):
+        data.resolve_dataset(str(out), SMALL.image_size)
 
 
 def test_the_command_line_reports_a_bad_source_in_one_line(tmp_path, capsys):

@@ -376,6 +376,9 @@ def prepare(source=None, out_dir=None, options=PrepareOptions(), force=False, lo
         raise UserError(f"no files found in sprite source {source}")
     sprites, bad, centre_cropped = _collect(files, options, log)
     skipped += bad
+    if centre_cropped:
+        log(f"centre-cropped {len(centre_cropped)} sprite(s) larger than the {options.image_size}x"
+            f"{options.image_size} canvas; manifest.json lists them under centre_cropped")
     if not sprites:
         raise UserError(f"none of the {len(files)} files in {source} is a usable sprite")
     splits = split_species([f.species for f, _ in sprites], options)
@@ -454,8 +457,8 @@ def load_split(data_dir, split):
         raise UserError(f"{data_dir} holds no prepared data set (no manifest.json); "
                         "run `python -m utils.data prepare` or point `dataset` elsewhere")
     try:
-        images = np.load(data_dir / f"{split}_images.npy")
-        masks = np.load(data_dir / f"{split}_masks.npy")
+        images = np.load(data_dir / f"{split}_images.npy", allow_pickle=False)
+        masks = np.load(data_dir / f"{split}_masks.npy", allow_pickle=False)
         names = json.loads((data_dir / f"{split}_names.json").read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"the packed {split} split in {data_dir} cannot be read ({err}); "
@@ -478,7 +481,10 @@ def resolve_dataset(dataset, image_size, log=print):
         return DATA / "pokemon"
     path = Path(dataset)
     if (path / "manifest.json").exists():
-        size = json.loads((path / "manifest.json").read_text())["parameters"]["image_size"]
+        try:
+            size = json.loads((path / "manifest.json").read_text())["parameters"]["image_size"]
+        except (ValueError, KeyError, TypeError):
+            raise UserError(f"{path / 'manifest.json'} is damaged; prepare the data set again with --force") from None
         if size != image_size:
             raise UserError(f"{path} was prepared at {size}x{size}, but image_size is {image_size}")
         return path

@@ -140,7 +140,7 @@ def activation_statistics(images_or_paths, model, batch_size=50, num_workers=0):
 def load_statistics(path):
     """FidStats from an .npz holding `mu` and `sigma` (pytorch-fid's format) and maybe `count`."""
     try:
-        with np.load(path) as f:
+        with np.load(path, allow_pickle=False) as f:
             stats = FidStats(f["mu"], f["sigma"], int(f["count"]) if "count" in f else None)
     except FileNotFoundError:
         raise UserError(f"{path} does not exist") from None

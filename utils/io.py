@@ -5,25 +5,65 @@ import os
 import tempfile
 from pathlib import Path
 
+from utils.errors import UserError
+
+TEMP_SUFFIX = ".tmp"
+# mkstemp makes files only their owner can read; a finished file gets what open() would give it.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def _cannot_write(path, err):
+    return UserError(f"cannot write {path}: {err.strerror or err}; the {path.name} there before, if any, is unchanged")
+
+
+def _os_error(err):
+    """The operating system's error behind `err`, or None. torch.save, failing again as it closes
+    its archive, reports a full disk as a RuntimeError raised while handling the OSError."""
+    while err is not None:
+        # Pillow raises OSError without an errno for its own complaints, which are not the disk's.
+        if isinstance(err, OSError) and err.errno is not None:
+            return err
+        err = err.__context__
+    return None
+
 
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path in the target's folder; on success rename it to `path`.
 
-    The same folder matters: a rename across file systems is a copy, which can be interrupted."""
+    The same folder matters: a rename across file systems is a copy, which can be interrupted.
+    An error from the operating system (a full disk, a read-only folder) becomes a UserError that
+    names the file, since the fix is on the user's side and nothing was replaced."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        os.close(fd)
+    except OSError as err:
+        raise _cannot_write(path, err) from None
     try:
         yield Path(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        cause = _os_error(err) if isinstance(err, Exception) else None
+        if cause:
+            raise _cannot_write(path, cause) from None
         raise
+
+
+def remove_temp_files(folder):
+    """Delete the temporary files that writes killed before their rename left under `folder`;
+    returns their paths. They are never complete, so nothing is lost."""
+    leftovers = sorted(Path(folder).rglob(f".*{TEMP_SUFFIX}")) if Path(folder).is_dir() else []
+    for path in leftovers:
+        path.unlink()
+    return leftovers
 
 
 def write_json(path, obj):

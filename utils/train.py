@@ -20,7 +20,7 @@ from utils.config import parse_config, print_config, save_config
 from utils.device import choose_device
 from utils.errors import UserError
 from utils.fusions import write_fusions
-from utils.io import atomic_path, write_json
+from utils.io import atomic_path, remove_temp_files, write_json
 from utils.losses import loss_terms
 from utils.images import from_batch, to_batch
 from utils.metrics import codebook_stats, image_metrics
@@ -29,6 +29,7 @@ from utils.plots import image_grid, plot_codebook_usage, plot_losses, save_gif, 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_COUNT = 8  # validation sprites shown in samples.gif
 LOG_EVERY = 10  # steps between progress-bar updates; each one reads the loss back from the device
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "frames", "config", "model_type", "rng")
 
 
 class TrainingDiverged(UserError):
@@ -142,33 +143,62 @@ def architecture(config, model_type):
 
 def load_checkpoint(path):
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"no checkpoint at {path} to resume from; start without --resume")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    except pickle.UnpicklingError:
+        # torch's own message advises weights_only=False, which would run whatever the file holds.
+        raise UserError(f"checkpoint {path} cannot be loaded safely: it holds Python objects other than "
+                        "tensors and plain data, and is refused without running them") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
+        # The first sentence says what is wrong; torch's following ones speculate why.
+        reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
         raise UserError(f"checkpoint {path} cannot be loaded safely: {reason}") from None
 
 
-def check_architecture(saved, config, model_type, path):
-    mine, theirs = architecture(config, model_type), architecture(saved, model_type)
+def load_training_checkpoint(path, config, model_type):
+    """A checkpoint this run can continue from, or a UserError naming what does not fit."""
+    saved = load_checkpoint(path)
+    missing = [key for key in CHECKPOINT_KEYS if key not in saved] if isinstance(saved, dict) else CHECKPOINT_KEYS
+    if missing:
+        raise UserError(f"{path} is not a training checkpoint (it lacks {', '.join(missing)}); "
+                        "start without --resume")
+    if saved["model_type"] != model_type:
+        raise UserError(f"checkpoint {path} is of a {saved['model_type']!r} model, "
+                        f"but this script trains a {model_type!r}")
+    mine, theirs = architecture(config, model_type), architecture(saved["config"], model_type)
     differ = {key: (theirs[key], mine[key]) for key in mine if mine[key] != theirs[key]}
     if differ:
         listed = ", ".join(f"{k} (checkpoint {a!r}, config {b!r})" for k, (a, b) in differ.items())
         raise UserError(f"checkpoint {path} was made with a different architecture: {listed}")
+    return saved
 
 
 def prepare_output_dir(out, config):
-    """Refuse to mix two runs in one folder unless asked; returns the checkpoint path."""
+    """Refuse to mix two runs in one folder, and clear what a killed run left half-written.
+
+    Returns the checkpoint to resume from, or None to start at epoch 1. Nothing is deleted here
+    for --overwrite: that waits until the data and model are known to be good."""
     checkpoint = out / "checkpoint.pt"
-    if config["resume"]:
-        return checkpoint
-    if (out / "config.json").exists() and not config["overwrite"]:
+    experiment = (out / "config.json").exists() or checkpoint.exists()
+    if config["resume"] and not experiment:
+        raise UserError(f"nothing to resume in {out}: it holds no checkpoint.pt or config.json; "
+                        "start without --resume")
+    if not config["resume"] and experiment and not config["overwrite"]:
         raise UserError(f"{out} already holds an experiment; continue it with --resume=True, "
                         "replace it with --overwrite=True, or choose another --experiment_name")
-    if out.exists() and config["overwrite"]:
-        shutil.rmtree(out)
+    others = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+    if others and not experiment:
+        raise UserError(f"{out} holds {len(others)} file(s) that are not an experiment's, such as {others[0]}; "
+                        "choose another --experiment_name or --output_dir")
+    leftovers = remove_temp_files(out)
+    if leftovers:
+        print(f"removed {len(leftovers)} half-written file(s) left by an interrupted run: "
+              + ", ".join(str(p.relative_to(out)) for p in leftovers))
+    if not config["resume"]:
+        return None
+    if not checkpoint.exists():
+        print(f"{out} holds no complete checkpoint (the run stopped during its first epoch); starting at epoch 1")
+        return None
     return checkpoint
 
 
@@ -193,13 +223,18 @@ def save_checkpoint(path, model, optimizer, epoch, history, frames, config, mode
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
              "history": history, "frames": torch.from_numpy(np.stack(frames)), "config": config,
              "model_type": model_type, "rng": rng_state()}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    save_torch(path, state)
+
+
+def save_torch(path, state):
+    # Through a Python file, a full disk is an OSError naming its cause; torch's own writer
+    # reports it only as an "unexpected pos" RuntimeError.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
 
 
 def save_model(path, model, config, model_type):
-    with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), "config": config, "model_type": model_type}, tmp)
+    save_torch(path, {"model": model.state_dict(), "config": config, "model_type": model_type})
 
 
 def load_model(experiment, device):
@@ -236,7 +271,8 @@ def train(model_type, config):
     if config.get("precision", "fp32") not in PRECISIONS:
         raise UserError(f"precision {config['precision']!r} is not one of {', '.join(PRECISIONS)}")
     out = (ROOT / config["output_dir"] / config["experiment_name"]).resolve()
-    checkpoint_path = prepare_output_dir(out, config)
+    checkpoint_path = out / "checkpoint.pt"
+    resume_from = prepare_output_dir(out, config)
     device = choose_device(config["device"])
     seed_everything(config["seed"])
 
@@ -255,15 +291,19 @@ def train(model_type, config):
         raise UserError(f"the model config does not fit: {err}") from None
     optimizer = make_optimizer(model, config, device)
     history, frames, start_epoch = [], [], 0
-    if config["resume"]:
-        saved = load_checkpoint(checkpoint_path)
-        check_architecture(saved["config"], config, model_type, checkpoint_path)
+    if resume_from:
+        saved = load_training_checkpoint(resume_from, config, model_type)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
+        for group in optimizer.param_groups:
+            # The config's rate, not the checkpoint's, so that a diverged run can resume slower.
+            group["lr"] = config["learning_rate"]
         history, start_epoch = saved["history"], saved["epoch"] + 1
         frames = list(saved["frames"].numpy())
         set_rng_state(saved["rng"])
-        print(f"resumed {checkpoint_path} after epoch {start_epoch}")
+        print(f"resumed {resume_from} after epoch {start_epoch}")
+    elif config["overwrite"] and out.exists():
+        shutil.rmtree(out)
     save_config(config, out / "config.json")
 
     samples = pick_samples(val_set, config["seed"])
