@@ -17,12 +17,17 @@ TINY = {
 }
 
 
-def train(script, output_dir, data_dir, *extra, name="run"):
-    """Run a training script through its real command line on tiny settings."""
-    args = [sys.executable, script, f"--dataset={data_dir}", f"--output_dir={output_dir}", f"--experiment_name={name}",
+def train_command(script, output_dir, data_dir, *extra, name="run"):
+    """The command line of a training script on tiny settings; later keys override earlier ones."""
+    return [sys.executable, script, f"--dataset={data_dir}", f"--output_dir={output_dir}", f"--experiment_name={name}",
             "--image_size=16", "--batch_size=8", "--epochs=2", "--learning_rate=0.003", "--num_fusions=2",
             "--fusion_steps=3", "--device=cpu", *TINY[script], *extra]
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def train(script, output_dir, data_dir, *extra, name="run"):
+    """Run a training script through its real command line on tiny settings."""
+    return subprocess.run(train_command(script, output_dir, data_dir, *extra, name=name), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="session")
