@@ -20,7 +20,7 @@ import train_pixel_vqvae
 import train_vae
 import train_vqvae
 from models import build_model
-from models.batchnorm import SyncBatchNorm2d, convert_sync_batchnorm
+from models.batchnorm import convert_sync_batchnorm
 from tests.conftest import ROOT, TINY, train, train_command
 from utils import data
 from utils import distributed as distributed_module

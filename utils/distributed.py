@@ -7,7 +7,6 @@ step (models/distributed.py). Only rank 0 prints and writes files; the others wa
 """
 import contextlib
 import os
-import sys
 
 import numpy as np
 import torch
