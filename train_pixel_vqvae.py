@@ -27,7 +27,8 @@ config = dict(
     dead_code_threshold=0.5,  # restart codes whose EMA use falls below this; 0 = off
     use_ssim_loss=False,  # the paper's optional SSIM term
     ssim_weight=1.0,
-    batch_size=64,
+    batch_size=64,  # per process: torchrun --nproc_per_node=N steps on N * batch_size images
+    sync_batchnorm=True,  # under torchrun, BatchNorm statistics of the global batch, not each process's
     epochs=25,
     learning_rate=1e-4,
     precision="fp32",  # 'bf16': bfloat16 autocast in training steps; weights, quantiser, evaluation stay float32

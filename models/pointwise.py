@@ -16,6 +16,8 @@ autograd carries the gradient through the batch statistics; only the wide chunke
 import torch
 from torch import Tensor, nn
 
+from .batchnorm import SyncBatchNorm2d, update_running_statistics
+from .distributed import summed_over
 from .threads import row_chunks, run_on_threads
 
 # Bytes of hidden activations per chunk: 1 MiB is one core's L2 cache on the development CPU
@@ -118,15 +120,6 @@ class PointwiseCore(torch.autograd.Function):
                 grad_W2 if need_W2 else None, grad_bias2, None, None)
 
 
-@torch.no_grad()
-def _update_running_statistics(bn: nn.BatchNorm2d, mean: Tensor, variance: Tensor, count: int):
-    # As nn.BatchNorm2d: momentum None is a cumulative average, and running_var is unbiased.
-    bn.num_batches_tracked += 1
-    factor = 1.0 / bn.num_batches_tracked.item() if bn.momentum is None else bn.momentum
-    bn.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
-    bn.running_var.mul_(1 - factor).add_(variance * (count / (count - 1)), alpha=factor)
-
-
 def fused_pointwise(x: Tensor, conv1: nn.Conv2d, bn: nn.BatchNorm2d, conv2: nn.Conv2d,
                     chunk_rows: int = 0, bfloat16: bool = False) -> Tensor:
     """conv2(relu(bn(conv1(x)))) for 1x1 convolutions, computed pixel-chunk by pixel-chunk.
@@ -142,26 +135,32 @@ def fused_pointwise(x: Tensor, conv1: nn.Conv2d, bn: nn.BatchNorm2d, conv2: nn.C
     # variances), and the core's hand-written products must not be recast by one.
     with torch.autocast(x.device.type, enabled=False):
         batch, channels, height, width = x.shape
-        W1 = conv1.weight.reshape(conv1.out_channels, channels)
-        W2 = conv2.weight.reshape(conv2.out_channels, conv1.out_channels)
+        # Flattened through the channels-last order the training loop keeps them in, so their
+        # gradients come back in that layout too (DistributedDataParallel warns of any other).
+        W1 = conv1.weight.permute(0, 2, 3, 1).reshape(conv1.out_channels, channels)
+        W2 = conv2.weight.permute(0, 2, 3, 1).reshape(conv2.out_channels, conv1.out_channels)
         rows = x.permute(0, 2, 3, 1).reshape(-1, channels).to(W1.dtype)
         # As nn.BatchNorm2d: batch statistics in training, or always when no running ones are kept.
         use_batch_statistics = bn.training or bn.running_mean is None
         if use_batch_statistics:
             if rows.shape[0] < 2:
                 raise ValueError(f"BatchNorm needs more than 1 value per channel in training, got {tuple(x.shape)}")
+            # A SyncBatchNorm2d's statistics are those of every process's rows: the sums are summed.
+            group = bn.statistics_group() if type(bn) is SyncBatchNorm2d else None
+            first = summed_over(torch.cat([rows.sum(0), rows.new_tensor([rows.shape[0]])]), group)
+            count = first[-1]
             # Centred rows make the core's shift BatchNorm's bias alone, and keep bfloat16's rounding
             # error relative to the spread of the input rather than to its mean.
-            rows_mean = rows.mean(0)
+            rows_mean = first[:-1] / count
             rows = rows - rows_mean
-            covariance = rows.t() @ rows / rows.shape[0]
+            covariance = summed_over(rows.t() @ rows, group) / count
             # Rounding can leave w^T Sigma w a hair below zero where BatchNorm's own variance cannot go.
             variance = ((W1 @ covariance) * W1).sum(1).clamp(min=0)
             if bn.training and bn.track_running_stats:
                 mean = W1 @ rows_mean.detach()
                 if conv1.bias is not None:
                     mean = mean + conv1.bias.detach()
-                _update_running_statistics(bn, mean, variance.detach(), rows.shape[0])
+                update_running_statistics(bn, mean, variance, count)
             scale = torch.rsqrt(variance + bn.eps)
             shift = torch.zeros_like(scale)
         else:
@@ -182,7 +181,8 @@ def fused_pointwise(x: Tensor, conv1: nn.Conv2d, bn: nn.BatchNorm2d, conv2: nn.C
 
 
 def is_pointwise_stack(layers) -> bool:
-    """Whether `layers` is exactly Conv1x1 -> BatchNorm2d -> ReLU -> Conv1x1, all stride 1."""
+    """Whether `layers` is exactly Conv1x1 -> BatchNorm2d (or SyncBatchNorm2d) -> ReLU -> Conv1x1,
+    all stride 1."""
     if len(layers) != 4:
         return False
     conv1, bn, relu, conv2 = layers
@@ -191,6 +191,6 @@ def is_pointwise_stack(layers) -> bool:
         return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
                 and conv.padding == (0, 0) and conv.groups == 1)
 
-    return (pointwise(conv1) and pointwise(conv2) and type(bn) is nn.BatchNorm2d
+    return (pointwise(conv1) and pointwise(conv2) and type(bn) in (nn.BatchNorm2d, SyncBatchNorm2d)
             and type(relu) is nn.ReLU and bn.num_features == conv1.out_channels
             and conv2.in_channels == conv1.out_channels)

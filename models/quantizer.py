@@ -2,10 +2,10 @@
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed import all_gather_rows, all_reduce_sum, broadcast_from_first_rank
 from .threads import row_chunks, run_on_threads
 
 KMEANS_SAMPLES = 16384  # latents k-means sees; enough to place the codes, cheap at any batch size
@@ -58,18 +58,6 @@ def kmeans(x: Tensor, k: int, iterations: int = KMEANS_ITERATIONS) -> Tensor:
     return centroids
 
 
-def all_reduce_sum(*tensors: Tensor) -> None:
-    if dist.is_available() and dist.is_initialized():
-        for tensor in tensors:
-            dist.all_reduce(tensor)
-
-
-def broadcast_from_first_rank(tensor: Tensor) -> None:
-    # Codes drawn from one rank's batch keep every replica's codebook identical.
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast(tensor, src=0)
-
-
 class VectorQuantizerEMA(nn.Module):
     """Maps each latent vector to its nearest of `num_embeddings` codes of size `embedding_dim`.
 
@@ -118,6 +106,9 @@ class VectorQuantizerEMA(nn.Module):
 
     @torch.no_grad()
     def _place_codes_by_kmeans(self, flat: Tensor) -> None:
+        # Every process clusters the latents of the whole global batch, as one process would, and
+        # then takes rank 0's codes: kernels such as index_add_ on a GPU may round differently.
+        flat = all_gather_rows(flat)
         sample = flat[torch.randperm(len(flat), device=flat.device)[:KMEANS_SAMPLES]]
         centroids = kmeans(sample, self.num_embeddings)
         broadcast_from_first_rank(centroids)
@@ -144,6 +135,8 @@ class VectorQuantizerEMA(nn.Module):
     def _restart_dead_codes(self, flat: Tensor) -> None:
         # A candidate for every code, kept by torch.where, avoids a host sync to count the dead.
         candidates = flat[torch.randint(len(flat), (self.num_embeddings,), device=flat.device)]
+        # Rank 0's candidates, from its share of the batch: gathering every latent of every step
+        # for the rare restart would cost more than the step.
         broadcast_from_first_rank(candidates)
         dead = (self.cluster_size < self.dead_code_threshold).unsqueeze(1)
         self.embedding.copy_(torch.where(dead, candidates, self.embedding))

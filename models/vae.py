@@ -57,10 +57,14 @@ class VAE(nn.Module):
         grid = F.relu(self.from_latent(z)).unflatten(1, self.grid_shape)
         return self.decoder(grid)
 
-    def forward(self, x: Tensor) -> VAEOutput:
+    def forward(self, x: Tensor, noise: Tensor | None = None) -> VAEOutput:
+        """`noise` [B, latent_dim] is the reparameterisation's standard normal draw, made here
+        when None; a data-parallel caller passes its rows of one draw for the global batch."""
         mu, logvar = self.encode(x)
+        if self.training and noise is None:
+            noise = torch.randn_like(mu)
         # Reparameterisation while training; the mean in eval, so evaluation is deterministic.
-        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if self.training else mu
+        z = mu + noise * (0.5 * logvar).exp() if self.training else mu
         reconstruction = self.decode(z)
         kl = kl_divergence(mu, logvar)
         return VAEOutput(reconstruction, mu, logvar, kl, self.kl_weight * kl / x[0].numel())

@@ -17,14 +17,19 @@ TINY = {
 }
 
 
+def train_command(script, output_dir, data_dir, *extra, name="run"):
+    """The command line of a training script on tiny settings; later keys override earlier ones."""
+    return [sys.executable, script, f"--dataset={data_dir}", f"--output_dir={output_dir}", f"--experiment_name={name}",
+            "--image_size=16", "--batch_size=8", "--epochs=2", "--learning_rate=0.003", "--num_fusions=2",
+            "--fusion_steps=3", "--device=cpu", *TINY[script], *extra]
+
+
 def train(script, output_dir, data_dir, *extra, name="run", fail_at=None):
     """Run a training script through its real command line on tiny settings; with `fail_at`,
     through tests/fail_at.py, which makes it fail at that point."""
+    python, *args = train_command(script, output_dir, data_dir, *extra, name=name)
     wrapper = ["tests/fail_at.py", fail_at] if fail_at else []
-    args = [sys.executable, *wrapper, script, f"--dataset={data_dir}", f"--output_dir={output_dir}", f"--experiment_name={name}",
-            "--image_size=16", "--batch_size=8", "--epochs=2", "--learning_rate=0.003", "--num_fusions=2",
-            "--fusion_steps=3", "--device=cpu", *TINY[script], *extra]
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return subprocess.run([python, *wrapper, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def refusal(done):

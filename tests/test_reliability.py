@@ -9,7 +9,6 @@ import signal
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from tests.conftest import files, refusal, train
 from tests.sprites import write_species_folders

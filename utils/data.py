@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from utils.errors import UserError
-from utils.io import atomic_path, write_json
+from utils.io import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 ORIGINAL_DATA = ROOT / "original_data"

@@ -15,9 +15,12 @@ import torch
 from tqdm import tqdm
 
 from models import build_model, model_keys
+from models.distributed import all_reduce_sum
 from utils import data
 from utils.config import parse_config, print_config, save_config
-from utils.device import choose_device
+from utils.distributed import (agreed, barrier, batch_shares, data_parallel, earliest_over_ranks,
+                               gathered_on_first_rank, is_first_rank, process_device, process_group,
+                               same_buffers_as_first_rank, summed_over_ranks, world_size)
 from utils.errors import UserError
 from utils.fusions import write_fusions
 from utils.io import atomic_path, remove_temp_files, write_json
@@ -87,7 +90,8 @@ def make_optimizer(model, config, device):
 def run_epoch(model, model_type, sprites, config, device, epoch, optimizer=None, keep_outputs=False):
     """One pass over `sprites`: training when an optimiser is given, else evaluation.
 
-    Returns (mean loss terms, dataset-wide code histogram or None, uint8 reconstructions or None).
+    Returns (mean loss terms, dataset-wide code histogram or None, uint8 reconstructions or None),
+    over the images of every rank; the reconstructions, in dataset order, on rank 0 alone.
     The data order is a function of seed and epoch alone, so a resumed run sees what an
     uninterrupted one would have."""
     training = optimizer is not None
@@ -95,45 +99,69 @@ def run_epoch(model, model_type, sprites, config, device, epoch, optimizer=None,
     count = len(sprites)
     order = np.random.default_rng([config["seed"], epoch]).permutation(count) if training else np.arange(count)
     vq = model_type == "vqvae"
-    codes = torch.zeros(model.quantizer.num_embeddings, dtype=torch.long, device=device) if vq else None
+    codes = torch.zeros(config["num_embeddings"], dtype=torch.long, device=device) if vq else None
     sums = collections.defaultdict(lambda: torch.zeros((), device=device))
-    first_bad_step = torch.full((), -1, device=device)
-    outputs = []
-    batch_size = config["batch_size"]
-    steps = -(-count // batch_size)
+    shares = list(batch_shares(order, config["batch_size"], training))
+    first_bad_step = torch.full((), len(shares), device=device)
+    outputs, kept, seen = [], [], 0
     label = f"epoch {epoch + 1}/{config['epochs']} {'train' if training else 'eval'}"
-    bar = tqdm(batches(sprites, batch_size, device, order), total=steps, desc=label, leave=False,
-               dynamic_ncols=True, disable=None)
+    bar = tqdm(shares, desc=label, leave=False, dynamic_ncols=True, disable=None if is_first_rank() else True)
     with torch.set_grad_enabled(training), torch.inference_mode(not training):
-        for step, (x, _) in enumerate(bar):
-            with training_precision(config, device, training):
-                output = model(x)
-                terms = loss_terms(model_type, output, x, config)
-            if training:
-                optimizer.zero_grad(set_to_none=True)
-                terms["loss"].backward()
-                optimizer.step()
-            for key, value in terms.items():
-                sums[key] += value.detach().float() * len(x)
-            bad = ~torch.isfinite(terms["loss"].detach())
-            first_bad_step = torch.where(bad & (first_bad_step < 0), step, first_bad_step)
-            if vq:
-                codes += torch.bincount(output.indices.flatten(), minlength=len(codes))
-            if keep_outputs:
-                outputs.append(from_batch(output.reconstruction))
-            if step % LOG_EVERY == LOG_EVERY - 1 or step == steps - 1:
-                if first_bad_step.item() >= 0:
+        for step, (index, start, size) in enumerate(bar):
+            # Only in evaluation can a rank's share be empty (see batch_shares); it then waits.
+            if len(index):
+                x = to_batch(sprites.images[index], device)
+                with training_precision(config, device, training):
+                    if training and model_type == "vae":
+                        output = model(x, noise=vae_noise(size, config, device)[start:start + len(x)])
+                    else:
+                        output = model(x)
+                    terms = loss_terms(model_type, output, x, config)
+                if training:
+                    optimizer.zero_grad(set_to_none=True)
+                    # Ranks average their gradients: weighted by its share, each rank's batch mean
+                    # makes the mean over the global batch even when the shares are unequal.
+                    (terms["loss"] * (len(x) * world_size() / size)).backward()
+                    optimizer.step()
+                for key, value in terms.items():
+                    sums[key] += value.detach().float() * len(x)
+                bad = ~torch.isfinite(terms["loss"].detach())
+                first_bad_step = torch.where(bad & (first_bad_step == len(shares)), step, first_bad_step)
+                if vq:
+                    codes += torch.bincount(output.indices.flatten(), minlength=len(codes))
+                if keep_outputs:
+                    outputs.append(from_batch(output.reconstruction))
+                    kept.append(index)
+                seen += len(x)
+            if step % LOG_EVERY == LOG_EVERY - 1 or step == len(shares) - 1:
+                # Every rank stops together, even when only one has seen the loss go.
+                bad_step = earliest_over_ranks(first_bad_step)
+                if bad_step < len(shares):
                     raise TrainingDiverged(
                         f"the {'training' if training else 'evaluation'} loss became non-finite at step "
-                        f"{int(first_bad_step.item()) + 1} of epoch {epoch + 1}; stopped, and the last "
+                        f"{bad_step + 1} of epoch {epoch + 1}; stopped, and the last "
                         "good checkpoint is kept (lower learning_rate, then --resume=True)")
-                shown = {"loss": f"{sums['loss'].item() / min(count, (step + 1) * batch_size):.4f}"}
+                shown = {"loss": f"{sums['loss'].item() / max(seen, 1):.4f}"}
                 if vq:
                     shown["codes"] = int((codes > 0).sum())
                 bar.set_postfix(shown)
-    means = {key: value.item() / count for key, value in sums.items()}
-    reconstructions = np.concatenate(outputs) if keep_outputs else None
+    totals = summed_over_ranks({key: value.item() for key, value in sums.items()})
+    means = {key: value / count for key, value in totals.items()}
+    if vq:
+        all_reduce_sum(codes)
+    reconstructions = None
+    if keep_outputs:
+        images = np.concatenate(outputs) if outputs else np.empty((0, *sprites.images.shape[1:]), np.uint8)
+        index = np.concatenate(kept) if kept else np.empty(0, np.int64)
+        reconstructions = gathered_on_first_rank(count, index, images)
     return means, (codes.cpu().numpy() if vq else None), reconstructions
+
+
+def vae_noise(size, config, device):
+    """The reparameterisation noise of a global batch of `size` images, from the CPU generator:
+    every rank draws the same and takes its own rows, so no two ranks share noise, N processes
+    draw what one would, and the checkpoint's RNG state carries it on resume."""
+    return torch.randn(size, config["latent_dim"]).to(device)
 
 
 def architecture(config, model_type):
@@ -265,18 +293,8 @@ def summary_table(metrics):
     return "\n".join(f"  {k:<24s} {v:.4f}" if isinstance(v, float) else f"  {k:<24s} {v}" for k, v in rows)
 
 
-def train(model_type, config):
-    """Train, evaluate and write every output of one experiment; returns its metrics."""
-    print_config(config)
-    if config.get("precision", "fp32") not in PRECISIONS:
-        raise UserError(f"precision {config['precision']!r} is not one of {', '.join(PRECISIONS)}")
-    out = (ROOT / config["output_dir"] / config["experiment_name"]).resolve()
-    checkpoint_path = out / "checkpoint.pt"
-    resume_from = prepare_output_dir(out, config)
-    device = choose_device(config["device"])
-    seed_everything(config["seed"])
-
-    data_dir = data.resolve_dataset(config["dataset"], config["image_size"])
+def load_splits(data_dir, config):
+    """The train, validation and test sets, the training set cut to `max_train_images`."""
     train_set, val_set, test_set = (data.load_split(data_dir, s) for s in data.SPLITS)
     if train_set.images.shape[1] != config["image_size"]:
         raise UserError(f"{data_dir} holds {train_set.images.shape[1]}-pixel images, "
@@ -284,6 +302,22 @@ def train(model_type, config):
     if 0 < config["max_train_images"] < len(train_set):
         keep = np.sort(np.random.default_rng(config["seed"]).choice(len(train_set), config["max_train_images"], replace=False))
         train_set = data.SpriteSet(train_set.images[keep], train_set.masks[keep], [train_set.names[i] for i in keep])
+    return train_set, val_set, test_set
+
+
+def train(model_type, config, device):
+    """Train, evaluate and write every output of one experiment; returns its metrics on rank 0,
+    None on the other ranks (see utils/distributed.py)."""
+    print_config(config)
+    if config.get("precision", "fp32") not in PRECISIONS:
+        raise UserError(f"precision {config['precision']!r} is not one of {', '.join(PRECISIONS)}")
+    out = (ROOT / config["output_dir"] / config["experiment_name"]).resolve()
+    checkpoint_path = out / "checkpoint.pt"
+    # Rank 0 alone checks the folder and prepares the data; the others read what it made.
+    resume_from, data_dir = agreed(lambda: (prepare_output_dir(out, config), data.resolve_dataset(
+        config["dataset"], config["image_size"])), first_rank_only=True)
+    seed_everything(config["seed"])
+    train_set, val_set, test_set = agreed(lambda: load_splits(data_dir, config))
 
     try:
         model = build_model(model_type, config).to(device, memory_format=torch.channels_last)
@@ -292,7 +326,8 @@ def train(model_type, config):
     optimizer = make_optimizer(model, config, device)
     history, frames, start_epoch = [], [], 0
     if resume_from:
-        saved = load_training_checkpoint(resume_from, config, model_type)
+        # Every rank continues from rank 0's checkpoint, which only rank 0's machine need hold.
+        saved = agreed(lambda: load_training_checkpoint(resume_from, config, model_type), first_rank_only=True)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         for group in optimizer.param_groups:
@@ -302,15 +337,18 @@ def train(model_type, config):
         frames = list(saved["frames"].numpy())
         set_rng_state(saved["rng"])
         print(f"resumed {resume_from} after epoch {start_epoch}")
-    elif config["overwrite"] and out.exists():
-        shutil.rmtree(out)
-    save_config(config, out / "config.json")
+    trained = data_parallel(model, device, config["sync_batchnorm"])
+    if is_first_rank():
+        if not resume_from and config["overwrite"] and out.exists():
+            shutil.rmtree(out)
+        save_config(config, out / "config.json")
 
     samples = pick_samples(val_set, config["seed"])
     for epoch in range(start_epoch, config["epochs"]):
         started = time.perf_counter()
-        train_terms, _, _ = run_epoch(model, model_type, train_set, config, device, epoch, optimizer)
+        train_terms, _, _ = run_epoch(trained, model_type, train_set, config, device, epoch, optimizer)
         seconds = time.perf_counter() - started
+        same_buffers_as_first_rank(model)
         val_terms, val_codes, _ = run_epoch(model, model_type, val_set, config, device, epoch)
         row = {"epoch": epoch + 1, "train_seconds": seconds, "train_images": len(train_set)}
         row.update({f"train_{k}": v for k, v in train_terms.items()})
@@ -318,20 +356,23 @@ def train(model_type, config):
         if val_codes is not None:
             row.update({f"val_{k}": v for k, v in codebook_stats(val_codes).items()})
         history.append(row)
-        frames.append(sample_frame(model, val_set, samples, device))
-        save_checkpoint(checkpoint_path, model, optimizer, epoch, history, frames, config, model_type)
+        if is_first_rank():
+            frames.append(sample_frame(model, val_set, samples, device))
+            save_checkpoint(checkpoint_path, model, optimizer, epoch, history, frames, config, model_type)
         codes = f" codes {row['val_codes_used']}/{len(val_codes)}" if val_codes is not None else ""
         print(f"epoch {epoch + 1}/{config['epochs']}: train loss {train_terms['loss']:.5f}, "
               f"val loss {val_terms['loss']:.5f}{codes}, {len(train_set) / seconds:.1f} images/s")
 
+    _, test_codes, reconstructions = run_epoch(model, model_type, test_set, config, device,
+                                               config["epochs"], keep_outputs=True)
+    if not is_first_rank():
+        return None
     save_model(out / "model.pt", model, config, model_type)
     write_json(out / "history.json", history)
     if history:
         plot_losses(history, out / "losses.png")
         save_gif(frames, out / "samples.gif")
 
-    _, test_codes, reconstructions = run_epoch(model, model_type, test_set, config, device,
-                                               config["epochs"], keep_outputs=True)
     write_reconstructions(out / "reconstructions", test_set.names, reconstructions)
     metrics = image_metrics(test_set.images, reconstructions, test_set.masks)
     if test_codes is not None:
@@ -356,9 +397,18 @@ def train(model_type, config):
 
 
 def run_experiment(model_type, defaults, argv):
-    """Entry point of the training scripts: a user's mistake ends in one line, not a traceback."""
-    try:
-        return train(model_type, parse_config(defaults, argv))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    """Entry point of the training scripts, run alone or by torchrun: a user's mistake ends every
+    process, with one line from rank 0 and no traceback."""
+    with process_group():
+        try:
+            config = parse_config(defaults, argv)
+            metrics = train(model_type, config, process_device(config["device"]))
+        except UserError as err:
+            if is_first_rank():
+                print(f"error: {err}", file=sys.stderr)
+            # Every rank meets a mistake at the same point (see utils.distributed.agreed); the others
+            # wait for rank 0 to say it, for torchrun stops all processes once one has ended.
+            barrier()
+            sys.exit(2)
+        barrier()  # the other ranks end when rank 0 has written the outputs
+        return metrics
