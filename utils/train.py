@@ -5,7 +5,6 @@ import collections
 import pickle
 import random
 import shutil
-import sys
 import time
 import zipfile
 from pathlib import Path
@@ -18,7 +17,7 @@ from models import build_model, model_keys
 from utils import data
 from utils.config import parse_config, print_config, save_config
 from utils.device import choose_device
-from utils.errors import UserError
+from utils.errors import UserError, exit_on_user_error
 from utils.fusions import write_fusions
 from utils.io import atomic_path, write_json
 from utils.losses import loss_terms
@@ -142,6 +141,17 @@ def check_architecture(saved, config, model_type, path):
         raise UserError(f"checkpoint {path} was made with a different architecture: {listed}")
 
 
+def resume_from(path, model, optimizer, config, model_type):
+    """Load the checkpoint at `path` into model, optimiser and the global RNGs; returns it."""
+    saved = load_checkpoint(path)
+    check_architecture(saved["config"], config, model_type, path)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    set_rng_state(saved["rng"])
+    print(f"resumed {path} after epoch {saved['epoch'] + 1}")
+    return saved
+
+
 def prepare_output_dir(out, config):
     """Refuse to mix two runs in one folder unless asked; returns the checkpoint path."""
     checkpoint = out / "checkpoint.pt"
@@ -153,6 +163,24 @@ def prepare_output_dir(out, config):
     if out.exists() and config["overwrite"]:
         shutil.rmtree(out)
     return checkpoint
+
+
+def load_splits(dataset, image_size):
+    """(prepared folder, train, val, test) for a script's `dataset` key, prepared when missing."""
+    data_dir = data.resolve_dataset(dataset, image_size)
+    train_set, val_set, test_set = (data.load_split(data_dir, s) for s in data.SPLITS)
+    if train_set.images.shape[1] != image_size:
+        raise UserError(f"{data_dir} holds {train_set.images.shape[1]}-pixel images, "
+                        f"but image_size is {image_size}")
+    return data_dir, train_set, val_set, test_set
+
+
+def training_subset(train_set, max_images, seed):
+    """A seeded choice of `max_images` training sprites (0: all), the same for every script."""
+    if not 0 < max_images < len(train_set):
+        return train_set
+    keep = np.sort(np.random.default_rng(seed).choice(len(train_set), max_images, replace=False))
+    return data.SpriteSet(train_set.images[keep], train_set.masks[keep], [train_set.names[i] for i in keep])
 
 
 def pick_samples(sprites, seed, count=SAMPLE_COUNT):
@@ -172,10 +200,10 @@ def sample_frame(model, sprites, index, device):
     return image_grid(np.concatenate([sprites.images[index], out]), ncols=len(index))
 
 
-def save_checkpoint(path, model, optimizer, epoch, history, frames, config, model_type):
+def save_checkpoint(path, model, optimizer, epoch, history, config, model_type, **extra):
+    """`extra` holds what one loop alone resumes from (the VQ scripts' sample frames)."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-             "history": history, "frames": torch.from_numpy(np.stack(frames)), "config": config,
-             "model_type": model_type, "rng": rng_state()}
+             "history": history, "config": config, "model_type": model_type, "rng": rng_state(), **extra}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -183,6 +211,14 @@ def save_checkpoint(path, model, optimizer, epoch, history, frames, config, mode
 def save_model(path, model, config, model_type):
     with atomic_path(path) as tmp:
         torch.save({"model": model.state_dict(), "config": config, "model_type": model_type}, tmp)
+
+
+def write_model_and_history(out, model, config, model_type, history):
+    """model.pt, history.json and, once an epoch has run, losses.png."""
+    save_model(out / "model.pt", model, config, model_type)
+    write_json(out / "history.json", history)
+    if history:
+        plot_losses(history, out / "losses.png")
 
 
 def load_model(experiment, device):
@@ -221,14 +257,8 @@ def train(model_type, config):
     device = choose_device(config["device"])
     seed_everything(config["seed"])
 
-    data_dir = data.resolve_dataset(config["dataset"], config["image_size"])
-    train_set, val_set, test_set = (data.load_split(data_dir, s) for s in data.SPLITS)
-    if train_set.images.shape[1] != config["image_size"]:
-        raise UserError(f"{data_dir} holds {train_set.images.shape[1]}-pixel images, "
-                        f"but image_size is {config['image_size']}")
-    if 0 < config["max_train_images"] < len(train_set):
-        keep = np.sort(np.random.default_rng(config["seed"]).choice(len(train_set), config["max_train_images"], replace=False))
-        train_set = data.SpriteSet(train_set.images[keep], train_set.masks[keep], [train_set.names[i] for i in keep])
+    data_dir, train_set, val_set, test_set = load_splits(config["dataset"], config["image_size"])
+    train_set = training_subset(train_set, config["max_train_images"], config["seed"])
 
     try:
         model = build_model(model_type, config).to(device, memory_format=torch.channels_last)
@@ -237,14 +267,9 @@ def train(model_type, config):
     optimizer = torch.optim.Adam(model.parameters(), lr=config["learning_rate"])
     history, frames, start_epoch = [], [], 0
     if config["resume"]:
-        saved = load_checkpoint(checkpoint_path)
-        check_architecture(saved["config"], config, model_type, checkpoint_path)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        saved = resume_from(checkpoint_path, model, optimizer, config, model_type)
         history, start_epoch = saved["history"], saved["epoch"] + 1
         frames = list(saved["frames"].numpy())
-        set_rng_state(saved["rng"])
-        print(f"resumed {checkpoint_path} after epoch {start_epoch}")
     save_config(config, out / "config.json")
 
     samples = pick_samples(val_set, config["seed"])
@@ -260,15 +285,14 @@ def train(model_type, config):
             row.update({f"val_{k}": v for k, v in codebook_stats(val_codes).items()})
         history.append(row)
         frames.append(sample_frame(model, val_set, samples, device))
-        save_checkpoint(checkpoint_path, model, optimizer, epoch, history, frames, config, model_type)
+        save_checkpoint(checkpoint_path, model, optimizer, epoch, history, config, model_type,
+                        frames=torch.from_numpy(np.stack(frames)))
         codes = f" codes {row['val_codes_used']}/{len(val_codes)}" if val_codes is not None else ""
         print(f"epoch {epoch + 1}/{config['epochs']}: train loss {train_terms['loss']:.5f}, "
               f"val loss {val_terms['loss']:.5f}{codes}, {len(train_set) / seconds:.1f} images/s")
 
-    save_model(out / "model.pt", model, config, model_type)
-    write_json(out / "history.json", history)
+    write_model_and_history(out, model, config, model_type, history)
     if history:
-        plot_losses(history, out / "losses.png")
         save_gif(frames, out / "samples.gif")
 
     _, test_codes, reconstructions = run_epoch(model, model_type, test_set, config, device,
@@ -298,8 +322,4 @@ def train(model_type, config):
 
 def run_experiment(model_type, defaults, argv):
     """Entry point of the training scripts: a user's mistake ends in one line, not a traceback."""
-    try:
-        return train(model_type, parse_config(defaults, argv))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    return exit_on_user_error(lambda: train(model_type, parse_config(defaults, argv)))
