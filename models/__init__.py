@@ -10,7 +10,7 @@ from .quantizer import QuantizerOutput, VectorQuantizerEMA
 from .vae import VAE, VAEOutput
 from .vqvae import VQVAE, VQVAEOutput
 
-MODELS = {"vae": VAE, "vqvae": VQVAE}
+MODELS = {"vae": VAE, "vqvae": VQVAE, "pixelcnn": GatedPixelCNN}
 
 __all__ = ["Decoder", "Encoder", "GatedPixelCNN", "MODELS", "QuantizerOutput", "VAE", "VAEOutput",
            "VQVAE", "VQVAEOutput", "VectorQuantizerEMA", "bits_per_code", "build_model", "model_keys",
@@ -25,7 +25,7 @@ def model_keys(model_type: str) -> list[str]:
 
 
 def build_model(model_type: str, config: dict) -> nn.Module:
-    """The model of `model_type` ('vae' or 'vqvae') built from the model keys of `config`.
+    """The model of `model_type` ('vae', 'vqvae' or 'pixelcnn') built from the model keys of `config`.
 
     Other keys (epochs, learning rate, ...) are ignored, so a script passes its whole config.
     """

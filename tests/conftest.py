@@ -1,9 +1,12 @@
-"""Shared fixtures: a tiny prepared sprite set and one tiny trained experiment."""
+"""Shared fixtures: a tiny prepared sprite set, one tiny trained experiment, FID weights."""
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+from pytorch_fid import inception
+from torchvision.models.inception import Inception3
 
 from tests.sprites import write_species_folders
 from utils.data import PrepareOptions, prepare
@@ -60,3 +63,19 @@ def tiny_experiment(tmp_path_factory, tiny_data):
     done = train("train_pixel_vqvae.py", out, tiny_data, name="pixel")
     assert done.returncode == 0, done.stderr[-3000:]
     return out / "pixel"
+
+
+@pytest.fixture(scope="session")
+def random_weights(tmp_path_factory):
+    """pytorch-fid's FID Inception state dict with seeded random weights, as a .pth file."""
+    built = []
+    with pytest.MonkeyPatch.context() as patch:
+        # fid_inception_v3 builds the network, then loads the downloaded weights into it;
+        # keeping the network and skipping the load leaves PyTorch's seeded initialisation.
+        patch.setattr(inception, "load_state_dict_from_url", lambda *_, **__: None)
+        patch.setattr(Inception3, "load_state_dict", lambda network, _: built.append(network))
+        torch.manual_seed(0)
+        inception.fid_inception_v3()
+    path = tmp_path_factory.mktemp("weights") / "random_fid_inception.pth"
+    torch.save(built[0].state_dict(), path)
+    return path

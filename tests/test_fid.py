@@ -12,7 +12,6 @@ from PIL import Image
 from pytorch_fid import inception
 from pytorch_fid.fid_score import calculate_fid_given_paths, compute_statistics_of_path
 from pytorch_fid.inception import FID_WEIGHTS_URL
-from torchvision.models.inception import Inception3
 
 from tests.sprites import sprite_rgba
 from utils.errors import UserError
@@ -21,22 +20,6 @@ from utils.fid import (FidStats, SmallSampleWarning, activation_statistics, defa
 
 DIMS = 64  # the first pooling block: cheap on a CPU, and the same code path as 2048
 SPRITES = 6  # per folder, fewer than DIMS: every folder here also exercises the warning
-
-
-@pytest.fixture(scope="module")
-def random_weights(tmp_path_factory):
-    """pytorch-fid's FID Inception state dict with seeded random weights, as a .pth file."""
-    built = []
-    with pytest.MonkeyPatch.context() as patch:
-        # fid_inception_v3 builds the network, then loads the downloaded weights into it;
-        # keeping the network and skipping the load leaves PyTorch's seeded initialisation.
-        patch.setattr(inception, "load_state_dict_from_url", lambda *_, **__: None)
-        patch.setattr(Inception3, "load_state_dict", lambda network, _: built.append(network))
-        torch.manual_seed(0)
-        inception.fid_inception_v3()
-    path = tmp_path_factory.mktemp("weights") / "random_fid_inception.pth"
-    torch.save(built[0].state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -84,6 +84,23 @@ def test_each_code_reaches_exactly_the_later_logits_in_its_receptive_field(kerne
     assert torch.equal(change > 1e-9, expected)
 
 
+def test_changing_the_code_at_i_leaves_the_logits_up_to_i_unchanged_for_every_i():
+    # The property sampling rests on, stated directly: the logits at j (raster order) may depend
+    # only on the codes before j. The default kernel, at a depth that reaches the whole grid.
+    size, num_embeddings = 5, 4
+    model = GatedPixelCNN(num_embeddings, hidden_channels=8, num_layers=3).double().eval()
+    codes = torch.randint(num_embeddings, (1, size, size))
+    with torch.no_grad():
+        base = model(codes).flatten(2)
+        for i in range(size * size):
+            perturbed = codes.clone().view(-1)
+            perturbed[i] = (perturbed[i] + 1) % num_embeddings
+            changed = model(perturbed.view(1, size, size)).flatten(2)
+            assert torch.equal(changed[..., :i + 1], base[..., :i + 1]), i
+            if i + 1 < size * size:
+                assert not torch.equal(changed[..., i + 1], base[..., i + 1]), i
+
+
 def test_a_model_without_a_type_a_layer_is_refused():
     with pytest.raises(ValueError, match="num_layers"):
         GatedPixelCNN(8, num_layers=0)

@@ -8,7 +8,9 @@ import pytest
 
 from tests.conftest import train
 from utils.errors import UserError
-from utils.report import HEADER, load_experiments, main, report_table, shared_sprites, worst_window
+from utils.plots import save_png
+from utils.report import (HEADER, PRIOR_HEADER, load_experiments, main, prior_table, report_table,
+                          shared_sprites, worst_window)
 
 # The tiny VQ-VAE of conftest has a PixelSight stage; off here it is the plain VQ-VAE of the paper.
 SCRIPTS = {"vae": ("train_vae.py",), "vqvae": ("train_vqvae.py", "--pixelsight_filters=0"),
@@ -107,6 +109,48 @@ def test_no_experiments_is_a_user_error_and_exit_2(tmp_path, capsys, make):
     assert main(["--outputs", str(folder)]) == 2
     assert str(folder) in capsys.readouterr().err
     assert not (folder / "report.md").exists()
+
+
+def add_prior(folder, vq_experiment, **metrics):
+    """A finished prior's folder as train_pixelcnn.py leaves it, with metrics of our choosing."""
+    prior = folder / f"prior_{vq_experiment}"
+    prior.mkdir()
+    (prior / "config.json").write_text(json.dumps({"vq_experiment": vq_experiment, "epochs": 3}))
+    (prior / "metrics.json").write_text(json.dumps({
+        "epochs": 3, "train_grids": 120, "val_bits_per_code": 2.34567, "test_bits_per_code": 2.5,
+        "uniform_bits_per_code": 4.0, "nearest_mse_mean": 0.0123456, "duplicate_share": 0.25,
+        "code_duplicate_share": 0.0, "fid": None, "train_seconds": 61.26, **metrics}))
+    for name in ("sample_grid.png", "nearest_grid.png"):
+        save_png(np.zeros((2, 2, 3), np.uint8), prior / name)
+    return prior
+
+
+def test_priors_get_their_own_table_naming_the_vq_model_they_model(tmp_path, outputs):
+    folder = outputs_with(tmp_path, outputs, "pixel_vqvae", "vqvae")
+    add_prior(folder, "pixel_vqvae")
+    add_prior(folder, "vqvae", fid=12.345)
+    assert list(table_rows(report_table(folder))) == ["vqvae", "pixel_vqvae"]
+    assert [e.name for e in load_experiments(folder)] == ["vqvae", "pixel_vqvae"]
+    rows = table_rows(prior_table(folder))
+    assert list(rows) == ["prior_pixel_vqvae", "prior_vqvae"]
+    assert all(list(row) == list(PRIOR_HEADER) for row in rows.values())
+    pixel = rows["prior_pixel_vqvae"]
+    assert pixel["codes of"] == "pixel_vqvae (Pixel VQ-VAE, 16x16 codes)"
+    assert (pixel["val bits/code"], pixel["test bits/code"], pixel["uniform bits/code"]) == ("2.346", "2.500", "4")
+    assert pixel["duplicates: pixels / codes"] == "25.0% / 0.0%"
+    assert (pixel["FID"], rows["prior_vqvae"]["FID"]) == ("-", "12.3")
+    assert rows["prior_vqvae"]["codes of"] == "vqvae (VQ-VAE, 8x8 codes)"
+
+
+def test_report_md_holds_the_prior_table_and_links_to_its_samples(tmp_path, outputs):
+    folder = outputs_with(tmp_path, outputs, "vqvae")
+    add_prior(folder, "vqvae")
+    assert main(["--outputs", str(folder)]) == 0
+    report = (folder / "report.md").read_text()
+    assert prior_table(folder) in report
+    links = re.findall(r"\]\(([^)]+)\)", report.split("## Figures")[1])
+    assert "prior_vqvae/sample_grid.png" in links and "prior_vqvae/nearest_grid.png" in links
+    assert all((folder / link).is_file() for link in links)
 
 
 def test_shared_sprites_are_the_fusion_pairs_that_every_experiment_reconstructed(outputs):

@@ -1,4 +1,7 @@
-"""Compare every experiment under an outputs folder: one markdown table, and what evaluate.ipynb reads.
+"""Compare every experiment under an outputs folder: markdown tables, and what evaluate.ipynb reads.
+
+Autoencoders (the three training scripts) and PixelCNN priors over their codes (train_pixelcnn.py)
+get a table each.
 
     python -m utils.report                  # writes outputs/report.md and prints the table
     python -m utils.report --outputs DIR
@@ -20,10 +23,17 @@ from utils.io import atomic_path
 DEFAULT_EXPERIMENTS = {"vae": "train_vae.py", "vqvae": "train_vqvae.py", "pixel_vqvae": "train_pixel_vqvae.py"}
 FIGURES = {"reconstructions": "reconstruction_grid.png", "fusions": "fusions/overview.png",
            "samples": "samples.gif"}
+PRIOR_FIGURES = {"samples": "sample_grid.png", "nearest training images": "nearest_grid.png"}
 HEADER = ("experiment", "model", "epochs", "training images seen", "test MSE", "SSIM", "PSNR",
           "exact pixels", "sprite exact pixels", "colours out / in", "codes used", "train seconds",
           "images/s")
-ALIGN = (":--", ":--") + ("--:",) * (len(HEADER) - 2)
+PRIOR_HEADER = ("prior", "codes of", "epochs", "training grids", "val bits/code", "test bits/code",
+                "uniform bits/code", "nearest training image MSE (mean)", "duplicates: pixels / codes",
+                "FID", "train seconds")
+
+
+def _align(header):
+    return (":--", ":--") + ("--:",) * (len(header) - 2)
 
 
 def _read_json(path):
@@ -49,6 +59,10 @@ class Experiment:
         return self.path.name
 
     @property
+    def is_prior(self):
+        return "vq_experiment" in self.config
+
+    @property
     def is_vq(self):
         return "num_embeddings" in self.config
 
@@ -65,7 +79,7 @@ class Experiment:
         return f"{'Pixel VQ-VAE' if pixel else 'VQ-VAE'}, {side}x{side} codes"
 
 
-def load_experiments(outputs_dir):
+def _load_all(outputs_dir):
     """Every experiment folder under `outputs_dir`: the three default ones first, then by name."""
     outputs_dir = Path(outputs_dir)
     hint = "train a model first, e.g. python train_pixel_vqvae.py"
@@ -78,6 +92,16 @@ def load_experiments(outputs_dir):
     folders.sort(key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
     return [Experiment(p, _read_json(p / "config.json") or {}, _read_json(p / "metrics.json"),
                        _read_json(p / "history.json") or []) for p in folders]
+
+
+def load_experiments(outputs_dir):
+    """The autoencoder experiments under `outputs_dir`: the three default ones first, then by name."""
+    return [e for e in _load_all(outputs_dir) if not e.is_prior]
+
+
+def load_priors(outputs_dir):
+    """The PixelCNN priors under `outputs_dir`, by name."""
+    return [e for e in _load_all(outputs_dir) if e.is_prior]
 
 
 def _percent(rate):
@@ -95,9 +119,31 @@ def _row(e):
             codes, f"{m['train_seconds']:.1f}", f"{m['train_images_per_second']:.0f}"]
 
 
+def _prior_row(e, models):
+    vq = e.config["vq_experiment"]
+    codes_of = f"{vq} ({models[vq]})" if vq in models else vq
+    if e.metrics is None:
+        return [e.name, codes_of, "unfinished"] + [""] * (len(PRIOR_HEADER) - 3)
+    m = e.metrics
+    val = "-" if m["val_bits_per_code"] is None else f"{m['val_bits_per_code']:.3f}"
+    return [e.name, codes_of, str(m["epochs"]), str(m["train_grids"]), val, f"{m['test_bits_per_code']:.3f}",
+            f"{m['uniform_bits_per_code']:.0f}", f"{m['nearest_mse_mean']:.5f}",
+            f"{_percent(m['duplicate_share'])} / {_percent(m['code_duplicate_share'])}",
+            "-" if m["fid"] is None else f"{m['fid']:.1f}", f"{m['train_seconds']:.1f}"]
+
+
+def _markdown(header, rows):
+    return "\n".join("| " + " | ".join(row) + " |" for row in [header, _align(header)] + rows)
+
+
 def _table(experiments):
-    rows = [HEADER, ALIGN] + [_row(e) for e in experiments]
-    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    return _markdown(HEADER, [_row(e) for e in experiments])
+
+
+def prior_table(outputs_dir):
+    """The markdown table of every PixelCNN prior under `outputs_dir`, naming the VQ model it models."""
+    models = {e.name: e.model for e in load_experiments(outputs_dir)}
+    return _markdown(PRIOR_HEADER, [_prior_row(e, models) for e in load_priors(outputs_dir)])
 
 
 def report_table(outputs_dir):
@@ -109,7 +155,8 @@ def _figure_links(experiments):
     """Per finished experiment, links to its figures relative to the outputs folder."""
     lines = []
     for e in experiments:
-        links = [f"[{label}]({quote(f'{e.name}/{file}')})" for label, file in FIGURES.items()
+        figures = PRIOR_FIGURES if e.is_prior else FIGURES
+        links = [f"[{label}]({quote(f'{e.name}/{file}')})" for label, file in figures.items()
                  if (e.path / file).exists()]
         if e.metrics is not None and links:
             lines.append(f"- **{e.name}**: " + ", ".join(links))
@@ -117,12 +164,14 @@ def _figure_links(experiments):
 
 
 def write_report(outputs_dir):
-    """Write `outputs_dir`/report.md: the table, then links to every experiment's figures.
+    """Write `outputs_dir`/report.md: the tables, then links to every experiment's figures.
 
-    Returns the table."""
-    experiments = load_experiments(outputs_dir)
+    Returns the autoencoders' table, followed by the priors' when there are any."""
+    experiments, priors = load_experiments(outputs_dir), load_priors(outputs_dir)
     table = _table(experiments)
-    text = f"# Experiments\n\n{table}\n\n## Figures\n\n{_figure_links(experiments)}\n"
+    if priors:
+        table += f"\n\n## Priors over VQ codes\n\n{prior_table(outputs_dir)}"
+    text = f"# Experiments\n\n{table}\n\n## Figures\n\n{_figure_links(experiments + priors)}\n"
     with atomic_path(Path(outputs_dir) / "report.md") as tmp:
         tmp.write_text(text)
     return table

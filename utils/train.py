@@ -32,7 +32,7 @@ from utils.plots import image_grid, plot_codebook_usage, plot_losses, save_gif, 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_COUNT = 8  # validation sprites shown in samples.gif
 LOG_EVERY = 10  # steps between progress-bar updates; each one reads the loss back from the device
-CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "frames", "config", "model_type", "rng")
+CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "config", "model_type", "rng")
 
 
 class TrainingDiverged(UserError):
@@ -201,6 +201,29 @@ def load_training_checkpoint(path, config, model_type):
     return saved
 
 
+def resume_from(path, model, optimizer, config, model_type):
+    """Load the checkpoint at `path` into model, optimiser and the global RNGs; returns it.
+
+    Every rank continues from rank 0's checkpoint, which only rank 0's machine need hold."""
+    saved = agreed(lambda: load_training_checkpoint(path, config, model_type), first_rank_only=True)
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    for group in optimizer.param_groups:
+        # The config's rate, not the checkpoint's, so that a diverged run can resume slower.
+        group["lr"] = config["learning_rate"]
+    set_rng_state(saved["rng"])
+    print(f"resumed {path} after epoch {saved['epoch'] + 1}")
+    return saved
+
+
+def start_output_dir(out, config, resumed):
+    """Save the config; --overwrite deletes the old experiment only now, once the new run's data
+    and model have been checked."""
+    if not resumed and config["overwrite"] and out.exists():
+        shutil.rmtree(out)
+    save_config(config, out / "config.json")
+
+
 def prepare_output_dir(out, config):
     """Refuse to mix two runs in one folder, and clear what a killed run left half-written.
 
@@ -247,10 +270,10 @@ def sample_frame(model, sprites, index, device):
     return image_grid(np.concatenate([sprites.images[index], out]), ncols=len(index))
 
 
-def save_checkpoint(path, model, optimizer, epoch, history, frames, config, model_type):
+def save_checkpoint(path, model, optimizer, epoch, history, config, model_type, **extra):
+    """`extra` holds what one loop alone resumes from (the VQ scripts' sample frames)."""
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-             "history": history, "frames": torch.from_numpy(np.stack(frames)), "config": config,
-             "model_type": model_type, "rng": rng_state()}
+             "history": history, "config": config, "model_type": model_type, "rng": rng_state(), **extra}
     save_torch(path, state)
 
 
@@ -263,6 +286,14 @@ def save_torch(path, state):
 
 def save_model(path, model, config, model_type):
     save_torch(path, {"model": model.state_dict(), "config": config, "model_type": model_type})
+
+
+def write_model_and_history(out, model, config, model_type, history):
+    """model.pt, history.json and, once an epoch has run, losses.png."""
+    save_model(out / "model.pt", model, config, model_type)
+    write_json(out / "history.json", history)
+    if history:
+        plot_losses(history, out / "losses.png")
 
 
 def load_model(experiment, device):
@@ -293,16 +324,27 @@ def summary_table(metrics):
     return "\n".join(f"  {k:<24s} {v:.4f}" if isinstance(v, float) else f"  {k:<24s} {v}" for k, v in rows)
 
 
-def load_splits(data_dir, config):
-    """The train, validation and test sets, the training set cut to `max_train_images`."""
+def read_splits(data_dir, image_size):
+    """The train, validation and test sets of a prepared folder, checked against `image_size`."""
     train_set, val_set, test_set = (data.load_split(data_dir, s) for s in data.SPLITS)
-    if train_set.images.shape[1] != config["image_size"]:
+    if train_set.images.shape[1] != image_size:
         raise UserError(f"{data_dir} holds {train_set.images.shape[1]}-pixel images, "
-                        f"but image_size is {config['image_size']}")
-    if 0 < config["max_train_images"] < len(train_set):
-        keep = np.sort(np.random.default_rng(config["seed"]).choice(len(train_set), config["max_train_images"], replace=False))
-        train_set = data.SpriteSet(train_set.images[keep], train_set.masks[keep], [train_set.names[i] for i in keep])
+                        f"but image_size is {image_size}")
     return train_set, val_set, test_set
+
+
+def load_splits(dataset, image_size):
+    """(prepared folder, train, val, test) for a script's `dataset` key, prepared when missing."""
+    data_dir = data.resolve_dataset(dataset, image_size)
+    return (data_dir, *read_splits(data_dir, image_size))
+
+
+def training_subset(train_set, max_images, seed):
+    """A seeded choice of `max_images` training sprites (0: all), the same for every script."""
+    if not 0 < max_images < len(train_set):
+        return train_set
+    keep = np.sort(np.random.default_rng(seed).choice(len(train_set), max_images, replace=False))
+    return data.SpriteSet(train_set.images[keep], train_set.masks[keep], [train_set.names[i] for i in keep])
 
 
 def train(model_type, config, device):
@@ -314,10 +356,11 @@ def train(model_type, config, device):
     out = (ROOT / config["output_dir"] / config["experiment_name"]).resolve()
     checkpoint_path = out / "checkpoint.pt"
     # Rank 0 alone checks the folder and prepares the data; the others read what it made.
-    resume_from, data_dir = agreed(lambda: (prepare_output_dir(out, config), data.resolve_dataset(
+    resume_path, data_dir = agreed(lambda: (prepare_output_dir(out, config), data.resolve_dataset(
         config["dataset"], config["image_size"])), first_rank_only=True)
     seed_everything(config["seed"])
-    train_set, val_set, test_set = agreed(lambda: load_splits(data_dir, config))
+    train_set, val_set, test_set = agreed(lambda: read_splits(data_dir, config["image_size"]))
+    train_set = training_subset(train_set, config["max_train_images"], config["seed"])
 
     try:
         model = build_model(model_type, config).to(device, memory_format=torch.channels_last)
@@ -325,23 +368,13 @@ def train(model_type, config, device):
         raise UserError(f"the model config does not fit: {err}") from None
     optimizer = make_optimizer(model, config, device)
     history, frames, start_epoch = [], [], 0
-    if resume_from:
-        # Every rank continues from rank 0's checkpoint, which only rank 0's machine need hold.
-        saved = agreed(lambda: load_training_checkpoint(resume_from, config, model_type), first_rank_only=True)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        for group in optimizer.param_groups:
-            # The config's rate, not the checkpoint's, so that a diverged run can resume slower.
-            group["lr"] = config["learning_rate"]
+    if resume_path:
+        saved = resume_from(resume_path, model, optimizer, config, model_type)
         history, start_epoch = saved["history"], saved["epoch"] + 1
         frames = list(saved["frames"].numpy())
-        set_rng_state(saved["rng"])
-        print(f"resumed {resume_from} after epoch {start_epoch}")
     trained = data_parallel(model, device, config["sync_batchnorm"])
     if is_first_rank():
-        if not resume_from and config["overwrite"] and out.exists():
-            shutil.rmtree(out)
-        save_config(config, out / "config.json")
+        start_output_dir(out, config, resume_path)
 
     samples = pick_samples(val_set, config["seed"])
     for epoch in range(start_epoch, config["epochs"]):
@@ -358,7 +391,8 @@ def train(model_type, config, device):
         history.append(row)
         if is_first_rank():
             frames.append(sample_frame(model, val_set, samples, device))
-            save_checkpoint(checkpoint_path, model, optimizer, epoch, history, frames, config, model_type)
+            save_checkpoint(checkpoint_path, model, optimizer, epoch, history, config, model_type,
+                            frames=torch.from_numpy(np.stack(frames)))
         codes = f" codes {row['val_codes_used']}/{len(val_codes)}" if val_codes is not None else ""
         print(f"epoch {epoch + 1}/{config['epochs']}: train loss {train_terms['loss']:.5f}, "
               f"val loss {val_terms['loss']:.5f}{codes}, {len(train_set) / seconds:.1f} images/s")
@@ -367,10 +401,8 @@ def train(model_type, config, device):
                                                config["epochs"], keep_outputs=True)
     if not is_first_rank():
         return None
-    save_model(out / "model.pt", model, config, model_type)
-    write_json(out / "history.json", history)
+    write_model_and_history(out, model, config, model_type, history)
     if history:
-        plot_losses(history, out / "losses.png")
         save_gif(frames, out / "samples.gif")
 
     write_reconstructions(out / "reconstructions", test_set.names, reconstructions)

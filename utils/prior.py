@@ -1,0 +1,272 @@
+"""The PixelCNN prior's loop: code grids of a frozen VQ model, cross-entropy training, new sprites.
+
+`train_pixelcnn.py` is its config block and `run_prior(config, sys.argv[1:])`. Data choice, output
+folder, checkpoints and resume are the VQ scripts' own (utils/train.py)."""
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from models import build_model, negative_log_likelihood, sample_codes
+from utils.config import parse_config, print_config
+from utils.device import choose_device
+from utils.errors import UserError, exit_on_user_error
+from utils.fid import fid, fid_weights_path
+from utils.images import from_batch
+from utils.io import atomic_path, write_json
+from utils.plots import image_grid, save_png, upscale_nearest
+from utils.train import (LOG_EVERY, ROOT, TrainingDiverged, batches, load_model, load_splits, make_optimizer,
+                         prepare_output_dir, resume_from, save_checkpoint, seed_everything, start_output_dir,
+                         training_subset, write_model_and_history)
+
+MODEL_TYPE = "pixelcnn"
+CODES_FILE = "codes.npz"
+# A decoder reproduces a copied code grid up to a few pixels, so an image duplicate is judged on
+# nearly all pixels, not all; `code_duplicate_share` is the exact test on the codes themselves.
+DUPLICATE_PIXEL_SHARE = 0.99
+NEAREST_CHUNK = 1024  # training images per distance product: about 100 MB of float64 at 64x64
+GRID_COLUMNS = 8
+
+
+def load_vq_model(config, device):
+    """The frozen VQ model of `vq_experiment`, in eval mode, and its saved config."""
+    folder = ROOT / config["output_dir"] / config["vq_experiment"]
+    model, model_type, vq_config = load_model(folder, device)
+    if model_type != "vqvae":
+        raise UserError(f"vq_experiment {config['vq_experiment']!r} holds a {model_type}, not a VQ model; "
+                        "a PixelCNN prior models the code grids of train_vqvae.py or train_pixel_vqvae.py")
+    model.requires_grad_(False)
+    return model, vq_config
+
+
+def codes_key(config, data_dir):
+    """What cached code grids depend on: the VQ weights, the prepared data, the training subset."""
+    def digest(path):
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return json.dumps({"vq_model_sha256": digest(ROOT / config["output_dir"] / config["vq_experiment"] / "model.pt"),
+                       "manifest_sha256": digest(Path(data_dir) / "manifest.json"),
+                       "max_train_images": config["max_train_images"], "seed": config["seed"]})
+
+
+def encode_split(vq_model, sprites, batch_size, device, label):
+    """Code grids [N, h, w] (int32) of every sprite of a split, in order."""
+    grids = []
+    steps = -(-len(sprites) // batch_size)
+    with torch.inference_mode():
+        for x, _ in tqdm(batches(sprites, batch_size, device, np.arange(len(sprites))), total=steps,
+                         desc=f"encoding {label}", leave=False, dynamic_ncols=True, disable=None):
+            grids.append(vq_model.encode(x).cpu().numpy().astype(np.int32))
+    return np.concatenate(grids)
+
+
+def code_grids(vq_model, splits, key, path, batch_size, device):
+    """{split: code grids}, encoded once and cached in `path` under `key`.
+
+    A cache made under another key is refused rather than re-encoded: a checkpoint resumed from
+    it learnt other codes."""
+    if path.exists():
+        with np.load(path) as saved:
+            if str(saved["key"]) != key:
+                raise UserError(f"{path} holds the codes of another VQ model, data set or training subset "
+                                "than this run's; start the prior again with --overwrite=True")
+            return {split: saved[split] for split in splits}
+    started = time.perf_counter()
+    grids = {split: encode_split(vq_model, sprites, batch_size, device, split) for split, sprites in splits.items()}
+    # A file object rather than the name, or numpy would append .npz to the temporary name.
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez_compressed(f, key=np.array(key), **grids)
+    shape = "x".join(map(str, grids["train"].shape[1:]))
+    print(f"encoded {', '.join(f'{len(g)} {s}' for s, g in grids.items())} sprites to {shape} code grids "
+          f"in {time.perf_counter() - started:.0f} s")
+    return grids
+
+
+def run_prior_epoch(model, grids, config, device, epoch, optimizer=None):
+    """Mean bits per code over `grids`: one training pass when an optimiser is given, else evaluation.
+
+    The training order is a function of seed and epoch alone, as in the VQ scripts' loop."""
+    training = optimizer is not None
+    model.train(training)
+    count, batch_size = len(grids), config["batch_size"]
+    order = np.random.default_rng([config["seed"], epoch]).permutation(count) if training else np.arange(count)
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    steps = -(-count // batch_size)
+    bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{config['epochs']} {'train' if training else 'eval'}",
+               leave=False, dynamic_ncols=True, disable=None)
+    with torch.set_grad_enabled(training), torch.inference_mode(not training):
+        for step in bar:
+            codes = torch.from_numpy(grids[order[step * batch_size:(step + 1) * batch_size]]).to(device).long()
+            loss = negative_log_likelihood(model(codes), codes)
+            if training:
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            nats += loss.detach().double() * len(codes)
+            if step % LOG_EVERY == LOG_EVERY - 1 or step == steps - 1:
+                seen = min(count, (step + 1) * batch_size)
+                bar.set_postfix(bits=f"{nats.item() / seen / math.log(2):.4f}")
+    bits = nats.item() / count / math.log(2)
+    if not math.isfinite(bits):
+        raise TrainingDiverged(f"the {'training' if training else 'evaluation'} loss of epoch {epoch + 1} is not "
+                               "finite; the last good checkpoint is kept (lower learning_rate, then --resume=True)")
+    return bits
+
+
+def decode_grids(vq_model, grids, batch_size, device):
+    """uint8 images [N, H, W, 3] of code grids [N, h, w], decoded by the VQ model."""
+    images = []
+    with torch.inference_mode():
+        for start in range(0, len(grids), batch_size):
+            codes = torch.from_numpy(grids[start:start + batch_size]).to(device).long()
+            images.append(from_batch(vq_model.decode_indices(codes)))
+    return np.concatenate(images)
+
+
+def nearest_images(samples, images):
+    """(index, MSE on [0, 1] colours) of the nearest of uint8 `images` to each uint8 sample.
+
+    Exact, not approximate: squared distances of 8-bit pixels are integer sums far below 2^53,
+    which float64 products hold to the last unit."""
+    pixels = samples[0].size
+    flat = torch.from_numpy(samples.reshape(len(samples), pixels)).double()
+    norms = (flat ** 2).sum(1, keepdim=True)
+    best = torch.full((len(samples),), math.inf, dtype=torch.float64)
+    index = torch.zeros(len(samples), dtype=torch.long)
+    for start in range(0, len(images), NEAREST_CHUNK):
+        chunk = torch.from_numpy(images[start:start + NEAREST_CHUNK].reshape(-1, pixels)).double()
+        distances, where = (norms + (chunk ** 2).sum(1) - 2 * flat @ chunk.T).min(1)
+        closer = distances < best
+        best, index = torch.where(closer, distances, best), torch.where(closer, where + start, index)
+    return index.numpy(), (best / (255.0 ** 2 * pixels)).numpy()
+
+
+def paired_rows(top, bottom, columns):
+    """Rows of `columns` images of `top`, each row over the matching row of `bottom`, white-padded."""
+    blank = np.full(((-len(top)) % columns, *top.shape[1:]), 255, np.uint8)
+    top, bottom = (np.concatenate([a, blank]).reshape(-1, columns, *top.shape[1:]) for a in (top, bottom))
+    return np.stack([top, bottom], axis=1).reshape(-1, *top.shape[2:])
+
+
+def sample_fid(samples, test_images, config, device):
+    """(FID of the samples against the test split, None), or (None, why there is none)."""
+    try:
+        value = fid(samples, test_images, weights=config["fid_weights"] or None, dims=config["fid_dims"],
+                    device=device)
+    except UserError as err:
+        return None, str(err)
+    return value, None
+
+
+def write_samples(prior, vq_model, train_grids, train_set, test_set, out, config, device):
+    """New sprites, each beside its nearest training image, in `out`; returns their metrics."""
+    shape = (config["num_samples"], *train_grids.shape[1:])
+    codes = sample_codes(prior.eval(), shape, config["temperature"], generator=config["seed"], device=device)
+    codes = codes.cpu().numpy().astype(np.int32)
+    samples = decode_grids(vq_model, codes, config["batch_size"], device)
+    names = [f"sample_{i:03d}.png" for i in range(len(samples))]
+    for name, image in zip(names, samples):
+        save_png(image, out / "samples" / name)
+    with atomic_path(out / "samples" / "codes.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, codes)
+
+    nearest, distances = nearest_images(samples, train_set.images)
+    same_pixels = (samples == train_set.images[nearest]).all(-1).mean(axis=(1, 2))
+    write_json(out / "samples" / "nearest.json", [
+        {"sample": name, "nearest_training_image": train_set.names[i], "mse": float(d),
+         "exact_pixel_share": float(s)} for name, i, d, s in zip(names, nearest, distances, same_pixels)])
+    columns = min(GRID_COLUMNS, len(samples))
+    save_png(upscale_nearest(image_grid(samples, columns), 2), out / "sample_grid.png")
+    pairs = paired_rows(samples, train_set.images[nearest], columns)
+    save_png(upscale_nearest(image_grid(pairs, columns), 2), out / "nearest_grid.png")
+
+    learnt = {grid.tobytes() for grid in train_grids}
+    fid_value, fid_reason = sample_fid(samples, test_set.images, config, device)
+    return {"num_samples": len(samples), "temperature": config["temperature"],
+            "nearest_mse_mean": float(distances.mean()), "nearest_mse_min": float(distances.min()),
+            "nearest_mse_max": float(distances.max()),
+            "duplicate_share": float((same_pixels >= DUPLICATE_PIXEL_SHARE).mean()),
+            "code_duplicate_share": float(np.mean([grid.tobytes() in learnt for grid in codes])),
+            "fid": fid_value, "fid_dims": config["fid_dims"], "fid_reference": f"{len(test_set)} test images",
+            **({"fid_reason": fid_reason} if fid_reason else {})}
+
+
+def check_sampling(config):
+    """Refuse sampling settings that would only fail after training."""
+    if config["num_samples"] < 2:
+        raise UserError(f"num_samples must be at least 2 (a grid and a FID need them), got {config['num_samples']}")
+    if config["temperature"] <= 0:
+        raise UserError(f"temperature must be positive, got {config['temperature']}")
+    if config["fid_weights"]:
+        fid_weights_path(config["fid_weights"])
+
+
+def train_prior(config):
+    """Encode, train, evaluate and sample one prior, writing every output; returns its metrics."""
+    print_config(config)
+    check_sampling(config)
+    out = (ROOT / config["output_dir"] / config["experiment_name"]).resolve()
+    device = choose_device(config["device"])
+    vq_model, vq_config = load_vq_model(config, device)
+    checkpoint_path = out / "checkpoint.pt"
+    resume_path = prepare_output_dir(out, config)
+    seed_everything(config["seed"])
+    data_dir, train_set, val_set, test_set = load_splits(config["dataset"], vq_config["image_size"])
+    splits = {"train": training_subset(train_set, config["max_train_images"], config["seed"]),
+              "val": val_set, "test": test_set}
+
+    # The codebook size comes from the VQ model; saved with the weights, it rebuilds the prior.
+    model_config = dict(config, num_embeddings=vq_config["num_embeddings"])
+    try:
+        model = build_model(MODEL_TYPE, model_config).to(device)
+    except ValueError as err:
+        raise UserError(f"the prior config does not fit: {err}") from None
+    optimizer = make_optimizer(model, config, device)
+    history, start_epoch = [], 0
+    if resume_path:
+        saved = resume_from(resume_path, model, optimizer, model_config, MODEL_TYPE)
+        history, start_epoch = saved["history"], saved["epoch"] + 1
+    start_output_dir(out, config, resume_path)
+    grids = code_grids(vq_model, splits, codes_key(config, data_dir), out / CODES_FILE, config["batch_size"], device)
+
+    for epoch in range(start_epoch, config["epochs"]):
+        started = time.perf_counter()
+        train_bits = run_prior_epoch(model, grids["train"], config, device, epoch, optimizer)
+        seconds = time.perf_counter() - started
+        val_bits = run_prior_epoch(model, grids["val"], config, device, epoch)
+        history.append({"epoch": epoch + 1, "train_seconds": seconds, "train_grids": len(grids["train"]),
+                        "train_bits_per_code": train_bits, "val_bits_per_code": val_bits})
+        save_checkpoint(checkpoint_path, model, optimizer, epoch, history, model_config, MODEL_TYPE)
+        print(f"epoch {epoch + 1}/{config['epochs']}: train {train_bits:.4f} bits/code, "
+              f"val {val_bits:.4f} bits/code, {len(grids['train']) / seconds:.1f} grids/s")
+
+    write_model_and_history(out, model, model_config, MODEL_TYPE, history)
+    train_seconds = sum(row["train_seconds"] for row in history)
+    metrics = {
+        "test_bits_per_code": run_prior_epoch(model, grids["test"], config, device, config["epochs"]),
+        "val_bits_per_code": history[-1]["val_bits_per_code"] if history else None,
+        "uniform_bits_per_code": math.log2(vq_config["num_embeddings"]),
+        "code_grid": list(grids["train"].shape[1:]),
+        "epochs": len(history),
+        "train_grids": len(grids["train"]),
+        "train_seconds": round(train_seconds, 2),
+        "train_grids_per_second": sum(r["train_grids"] for r in history) / train_seconds if train_seconds else 0.0,
+        "device": str(device),
+    }
+    started = time.perf_counter()
+    metrics.update(write_samples(model, vq_model, grids["train"], train_set, test_set, out, config, device))
+    metrics["sample_seconds"] = round(time.perf_counter() - started, 2)
+    write_json(out / "metrics.json", metrics)
+    print(f"test {metrics['test_bits_per_code']:.4f} bits/code (uniform: {metrics['uniform_bits_per_code']:.1f}); "
+          f"{metrics['num_samples']} samples in {out / 'samples'}, nearest training image MSE "
+          f"{metrics['nearest_mse_mean']:.5f} on average; written to {out}")
+    return metrics
+
+
+def run_prior(defaults, argv):
+    """Entry point of train_pixelcnn.py: a user's mistake ends in one line, not a traceback."""
+    return exit_on_user_error(lambda: train_prior(parse_config(defaults, argv)))
