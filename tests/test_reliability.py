@@ -167,7 +167,7 @@ def test_resume_from_a_weights_only_model_file_is_refused_naming_what_it_lacks(e
     before = files(experiment)
     line = refusal(run(experiment.parent, tiny_data, "--resume=True"))
     assert line == (f"error: {(experiment / 'checkpoint.pt').resolve()} is not a training checkpoint "
-                    "(it lacks optimizer, epoch, history, frames, rng); start without --resume")
+                    "(it lacks optimizer, epoch, history, rng); start without --resume")
     assert files(experiment) == before
 
 
