@@ -137,7 +137,7 @@ def measure(name, precision, cfg):
     run_config = {**script_config, "batch_size": cfg["batch_size"], "precision": precision, "epochs": 1}
     torch.manual_seed(run_config["seed"])
     batch = run_config["batch_size"]
-    train, test, source = splits(run_config["image_size"], batch * cfg["steps"], batch, run_config["seed"])
+    train, _, source = splits(run_config["image_size"], batch * cfg["steps"], batch, run_config["seed"])
     model = build_model(model_type, run_config).to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, run_config, device)
     run_epoch(model, model_type, train.subset(batch * cfg["warmup_steps"]), run_config, device, 0, optimizer)
