@@ -1,6 +1,7 @@
 """The convolutional encoder shared by the VAE and the VQ-VAEs."""
 from torch import Tensor, nn
 
+from .distinct import run_layers
 from .pointwise import fused_pointwise, is_pointwise_stack
 
 
@@ -54,8 +55,9 @@ class Encoder(nn.Module):
         # the layer-by-layer path is faster.
         self.pointwise = is_pointwise_stack(self.layers)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, counts: Tensor | None = None) -> Tensor:
+        """`counts`: x holds distinct blocks standing for counts[u] copies each (models/distinct.py)."""
         if self.pointwise and x.device.type == "cpu":
             conv1, bn, _, conv2 = self.layers
-            return fused_pointwise(x, conv1, bn, conv2)
-        return self.layers(x)
+            return fused_pointwise(x, conv1, bn, conv2, counts=counts)
+        return run_layers(self.layers, x, counts)

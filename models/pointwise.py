@@ -121,13 +121,14 @@ class PointwiseCore(torch.autograd.Function):
 
 
 def fused_pointwise(x: Tensor, conv1: nn.Conv2d, bn: nn.BatchNorm2d, conv2: nn.Conv2d,
-                    chunk_rows: int = 0, bfloat16: bool = False) -> Tensor:
+                    chunk_rows: int = 0, bfloat16: bool = False, counts: Tensor | None = None) -> Tensor:
     """conv2(relu(bn(conv1(x)))) for 1x1 convolutions, computed pixel-chunk by pixel-chunk.
 
     Uses the modules' own parameters and buffers (running statistics are updated in training mode
     exactly as BatchNorm would), so a model keeps its state_dict either way. The result is in
     channels-last memory format for channels-last input, contiguous otherwise. `chunk_rows` 0 sizes
     chunks by `HIDDEN_BYTES_PER_CHUNK`. Under a bfloat16 autocast the core's products run in bfloat16.
+    With `counts`, image u of x stands for counts[u] copies of itself in the batch statistics.
     """
     bfloat16 = bfloat16 or (torch.is_autocast_enabled(x.device.type)
                             and torch.get_autocast_dtype(x.device.type) == torch.bfloat16)
@@ -147,13 +148,20 @@ def fused_pointwise(x: Tensor, conv1: nn.Conv2d, bn: nn.BatchNorm2d, conv2: nn.C
                 raise ValueError(f"BatchNorm needs more than 1 value per channel in training, got {tuple(x.shape)}")
             # A SyncBatchNorm2d's statistics are those of every process's rows: the sums are summed.
             group = bn.statistics_group() if type(bn) is SyncBatchNorm2d else None
-            first = summed_over(torch.cat([rows.sum(0), rows.new_tensor([rows.shape[0]])]), group)
+            if counts is None:
+                weights, local = None, rows.new_tensor([rows.shape[0]])
+            else:
+                weights = counts.repeat_interleave(height * width).unsqueeze(1)
+                local = weights.sum().reshape(1)
+            sums = rows.sum(0) if weights is None else (weights * rows).sum(0)
+            first = summed_over(torch.cat([sums, local]), group)
             count = first[-1]
             # Centred rows make the core's shift BatchNorm's bias alone, and keep bfloat16's rounding
             # error relative to the spread of the input rather than to its mean.
             rows_mean = first[:-1] / count
             rows = rows - rows_mean
-            covariance = summed_over(rows.t() @ rows, group) / count
+            weighted = rows if weights is None else weights * rows
+            covariance = summed_over(weighted.t() @ rows, group) / count
             # Rounding can leave w^T Sigma w a hair below zero where BatchNorm's own variance cannot go.
             variance = ((W1 @ covariance) * W1).sum(1).clamp(min=0)
             if bn.training and bn.track_running_stats:

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distinct import Repeats
 from .distributed import all_gather_rows, all_reduce_sum, broadcast_from_first_rank
 from .threads import row_chunks, run_on_threads
 
@@ -83,20 +84,34 @@ class VectorQuantizerEMA(nn.Module):
         self.register_buffer("embed_sum", embedding.clone())
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
 
-    def forward(self, z_e: Tensor) -> QuantizerOutput:
+    def forward(self, z_e: Tensor, repeats: Repeats | None = None) -> QuantizerOutput:
+        """`repeats`: z_e [U, D, 1, 1] holds the latents of distinct blocks, which stand for
+        repeats.counts[u] copies each in the codebook's update and the loss (models/distinct.py)."""
         b, d, h, w = z_e.shape
+        if repeats is not None and (h, w) != (1, 1):
+            raise ValueError(f"with repeats, z_e holds one latent per block, got {tuple(z_e.shape)}")
         # Distances and EMA sums lose whole codes to rounding in half precision.
         with torch.autocast(z_e.device.type, enabled=False):
             z = z_e.float()
             flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+            # Latents are sampled from the batch with its copies, drawing the same random numbers
+            # as without distinct blocks.
+            positions = None if repeats is None else repeats.inverse
             if self.training and self.kmeans_init and not self.initialized:
-                self._place_codes_by_kmeans(flat.detach())
+                self._place_codes_by_kmeans(flat.detach() if positions is None else flat.detach()[positions])
             indices = nearest_code(flat.detach(), self.embedding.float())
             quantized = self.embed_indices(indices.reshape(b, h, w))
+            counts = None if repeats is None else repeats.counts
             if self.training:
-                self._update_codebook(flat.detach(), indices)
+                self._update_codebook(flat.detach(), indices, counts)
+                if self.dead_code_threshold > 0:
+                    self._restart_dead_codes(flat.detach(), positions)
             # The codes are buffers, so this pulls only z_e towards them: the commitment loss.
-            loss = self.commitment_cost * F.mse_loss(z, quantized)
+            if repeats is None:
+                loss = self.commitment_cost * F.mse_loss(z, quantized)
+            else:
+                squares = (z - quantized).square().sum([1, 2, 3])
+                loss = self.commitment_cost * (counts @ squares) / (counts.sum() * d)
             quantized = z + (quantized - z).detach()
         return QuantizerOutput(quantized.to(z_e.dtype), loss, indices.reshape(b, h, w))
 
@@ -118,23 +133,29 @@ class VectorQuantizerEMA(nn.Module):
         self.initialized.fill_(True)
 
     @torch.no_grad()
-    def _update_codebook(self, flat: Tensor, indices: Tensor) -> None:
-        counts = torch.bincount(indices, minlength=self.num_embeddings).float()
-        sums = flat.new_zeros(self.num_embeddings, self.embedding_dim).index_add_(0, indices, flat)
-        all_reduce_sum(counts, sums)
-        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+    def _update_codebook(self, flat: Tensor, indices: Tensor, counts: Tensor | None) -> None:
+        if counts is None:
+            code_counts = torch.bincount(indices, minlength=self.num_embeddings).float()
+            sums = flat.new_zeros(self.num_embeddings, self.embedding_dim).index_add_(0, indices, flat)
+        else:
+            code_counts = flat.new_zeros(self.num_embeddings).index_add_(0, indices, counts)
+            sums = flat.new_zeros(self.num_embeddings, self.embedding_dim).index_add_(
+                0, indices, flat * counts.unsqueeze(1))
+        all_reduce_sum(code_counts, sums)
+        self.cluster_size.mul_(self.decay).add_(code_counts, alpha=1 - self.decay)
         self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
         total = self.cluster_size.sum()
         smoothed = ((self.cluster_size + self.epsilon)
                     / (total + self.num_embeddings * self.epsilon) * total)
         self.embedding.copy_(self.embed_sum / smoothed.unsqueeze(1))
-        if self.dead_code_threshold > 0:
-            self._restart_dead_codes(flat)
 
     @torch.no_grad()
-    def _restart_dead_codes(self, flat: Tensor) -> None:
+    def _restart_dead_codes(self, flat: Tensor, positions: Tensor | None) -> None:
+        """`positions`: the row of flat at each position of the batch, when flat holds distinct ones."""
         # A candidate for every code, kept by torch.where, avoids a host sync to count the dead.
-        candidates = flat[torch.randint(len(flat), (self.num_embeddings,), device=flat.device)]
+        batch = len(flat) if positions is None else len(positions)
+        rows = torch.randint(batch, (self.num_embeddings,), device=flat.device)
+        candidates = flat[rows if positions is None else positions[rows]]
         # Rank 0's candidates, from its share of the batch: gathering every latent of every step
         # for the rare restart would cost more than the step.
         broadcast_from_first_rank(candidates)
