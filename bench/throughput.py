@@ -53,6 +53,7 @@ config = dict(
     threads=0,  # torch's intra-op threads; 0 = torch's default for this machine
     device="auto",
     distinct_blocks=True,  # VQ-VAEs run each distinct block of a batch once (models/distinct.py)
+    compile=False,  # time the model compiled by torch.compile (inductor), compilation in the warm-up
     prepare=False,  # also time `utils.data` preparing the whole set from the fetched source
     json="outputs/bench/throughput.json",
     worker="",  # internal: 'configuration:precision' measured in this process
@@ -150,12 +151,13 @@ def measure(name, precision, cfg):
     if model_type == "vqvae":
         model.run_distinct_blocks = cfg["distinct_blocks"]
     optimizer = make_optimizer(model, run_config, device)
-    run_epoch(model, model_type, train.subset(batch * cfg["warmup_steps"]), run_config, device, 0, optimizer)
+    timed = torch.compile(model) if cfg["compile"] else model
+    run_epoch(timed, model_type, train.subset(batch * cfg["warmup_steps"]), run_config, device, 0, optimizer)
     rates = []
     for repeat in range(cfg["repeats"]):
         synchronize(device)
         started = time.perf_counter()
-        run_epoch(model, model_type, train, run_config, device, repeat + 1, optimizer)
+        run_epoch(timed, model_type, train, run_config, device, repeat + 1, optimizer)
         synchronize(device)
         rates.append(len(train) / (time.perf_counter() - started))
     train_peak = peak_memory(device)
@@ -163,7 +165,7 @@ def measure(name, precision, cfg):
     _, full_test, _ = splits(run_config["image_size"], batch, TEST_IMAGES, run_config["seed"])
     synchronize(device)
     started = time.perf_counter()
-    run_epoch(model, model_type, full_test, run_config, device, 0)
+    run_epoch(timed, model_type, full_test, run_config, device, 0)
     synchronize(device)
     eval_rate = len(full_test) / (time.perf_counter() - started)
     return {"configuration": name, "precision": precision, "device": str(device), "images": source,
@@ -256,7 +258,7 @@ def main(argv):
           f"{ceilings[f'{device}:bf16_matmul_flops'] / 1e9:.0f} GFLOP/s bf16; copy "
           f"{ceilings[f'{device}:copy_bytes_per_second'] / 1e9:.1f} GB/s (read + write)", flush=True)
     passed = [f"--{key}={cfg[key]}" for key in ("batch_size", "steps", "repeats", "warmup_steps", "threads",
-                                                 "device", "distinct_blocks")]
+                                                 "device", "distinct_blocks", "compile")]
     results = []
     for name in cfg["configurations"].split(","):
         if name not in CONFIGURATIONS:
