@@ -40,6 +40,12 @@ def _hash_multipliers(length: int, device: torch.device) -> Tensor:
     return (torch.randint(-2**62, 2**62, (length,), generator=generator, dtype=torch.long) | 1).to(device)
 
 
+def _one_member_each(inverse: Tensor, groups: int) -> Tensor:
+    """For each group, the index of one row in it (which one does not matter: they are compared)."""
+    first = torch.empty(groups, dtype=torch.long, device=inverse.device)
+    return first.scatter_(0, inverse, torch.arange(len(inverse), device=inverse.device))
+
+
 def distinct_blocks(x: Tensor, side: int) -> tuple[Tensor, Repeats] | None:
     """The distinct side x side blocks of float32 images x [B, C, H, W], as images [U, C, side, side],
     with their Repeats; None when nearly every block is distinct or x is not float32.
@@ -53,16 +59,14 @@ def distinct_blocks(x: Tensor, side: int) -> tuple[Tensor, Repeats] | None:
     # compared with its group's representative, and a collision falls back to an exact row sort.
     keys = (bits.long() * _hash_multipliers(bits.shape[1], x.device)).sum(1)
     _, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
-    first = torch.empty(len(counts), dtype=torch.long, device=x.device)
-    first.scatter_(0, inverse, torch.arange(len(keys), device=x.device))
+    first = _one_member_each(inverse, len(counts))
     if not torch.equal(bits[first][inverse], bits):
         _, inverse, counts = torch.unique(bits, dim=0, return_inverse=True, return_counts=True)
-        first = torch.empty(len(counts), dtype=torch.long, device=x.device)
-        first.scatter_(0, inverse, torch.arange(len(keys), device=x.device))
+        first = _one_member_each(inverse, len(counts))
     if len(counts) > MAX_DISTINCT_SHARE * len(keys):
         return None
     blocks = bits[first].view(torch.float32).reshape(-1, x.shape[1], side, side)
-    # Channels-last, as the models keep their weights: convolutions then run without reordering.
+    # Channels-last: the block layers and the weighted BatchNorm read it as rows without a copy.
     blocks = blocks.contiguous(memory_format=torch.channels_last)
     return blocks, Repeats(counts.float(), inverse)
 

@@ -1,0 +1,74 @@
+"""A VQ-VAE's training step on the distinct blocks of each batch against the same step on every block.
+
+    python bench/distinct.py --configuration=pixel_vqvae_16x16 --precision=bf16 --batches=8
+    python bench/distinct.py --configuration=vqvae --batches=30
+
+Two copies of one model, one running distinct blocks (models/distinct.py) and one every block,
+take their steps alternately on the same real batches in one process, so a drift of the machine's
+speed falls on both alike: the fairer comparison where the difference is small. The first two
+steps of each are warm-up (the first places the codebook by k-means); the median step is reported.
+The first copy runs distinct blocks even where the model itself would not (2x2 layers under bf16).
+"""
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import throughput  # noqa: E402
+from models import build_model  # noqa: E402
+from utils.config import parse_config  # noqa: E402
+from utils.images import to_batch  # noqa: E402
+from utils.losses import loss_terms  # noqa: E402
+from utils.train import make_optimizer, training_precision  # noqa: E402
+
+config = dict(
+    configuration="pixel_vqvae_16x16",  # a VQ-VAE of bench/throughput.py: pixel_vqvae, pixel_vqvae_16x16, vqvae
+    precision="fp32",
+    batch_size=64,
+    batches=8,  # steps of each copy, the first two of them warm-up
+    threads=0,  # torch's intra-op threads; 0 = torch's default for this machine
+)
+WARMUP_STEPS = 2
+
+
+def main(argv):
+    cfg = parse_config(config, argv)
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    model_type, script_config = throughput.CONFIGURATIONS[cfg["configuration"]]
+    if model_type != "vqvae":
+        sys.exit(f"error: {cfg['configuration']} is not a VQ-VAE; distinct blocks are a VQ-VAE's")
+    run_config = {**script_config, "precision": cfg["precision"], "batch_size": cfg["batch_size"]}
+    device = torch.device("cpu")
+    batch = cfg["batch_size"]
+    train, _, source = throughput.splits(run_config["image_size"], batch * cfg["batches"], batch, run_config["seed"])
+    copies = {}
+    for distinct in (True, False):
+        torch.manual_seed(run_config["seed"])
+        model = build_model(model_type, run_config).to(device, memory_format=torch.channels_last).train()
+        # Forced either way, also where the model would not choose distinct blocks itself (2x2
+        # layers under bf16), so that choice can be checked.
+        model._worth_running_distinct_blocks = lambda x, distinct=distinct: distinct
+        copies["distinct blocks" if distinct else "every block"] = (model, make_optimizer(model, run_config, device), [])
+    for step in range(cfg["batches"]):
+        x = to_batch(train.images[step * batch:(step + 1) * batch], device)
+        for model, optimizer, seconds in copies.values():
+            started = time.perf_counter()
+            with training_precision(run_config, device, True):
+                loss = loss_terms(model_type, model(x), x, run_config)["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seconds.append(time.perf_counter() - started)
+    print(f"{cfg['configuration']} {cfg['precision']}, {source}, batch {batch}, {torch.get_num_threads()} threads, "
+          f"median of {cfg['batches'] - WARMUP_STEPS} alternating steps")
+    for name, (_, _, seconds) in copies.items():
+        median = statistics.median(seconds[WARMUP_STEPS:])
+        print(f"  {name:<16} {median * 1e3:8.1f} ms/step  {batch / median:8.1f} images/s")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
