@@ -3,11 +3,13 @@
     python bench/distinct.py --configuration=pixel_vqvae_16x16 --precision=bf16 --batches=8
     python bench/distinct.py --configuration=vqvae --batches=30
 
-Two copies of one model, one running distinct blocks (models/distinct.py) and one every block,
-take their steps alternately on the same real batches in one process, so a drift of the machine's
-speed falls on both alike: the fairer comparison where the difference is small. The first two
-steps of each are warm-up (the first places the codebook by k-means); the median step is reported.
-The first copy runs distinct blocks even where the model itself would not (2x2 layers under bf16).
+Copies of one model take their steps alternately on the same real batches in one process, so a
+drift of the machine's speed falls on all alike: the fairer comparison where the difference is
+small. The variants: 'by_code' runs distinct blocks and its decoder once per code in use
+(models/codes.py), 'distinct' runs distinct blocks through the whole model, 'whole' every block.
+The first two steps of each are warm-up (the first places the codebook by k-means); the median
+step is reported. Each variant is forced, also where the model would choose otherwise (2x2 layers
+under bf16 run every block).
 """
 import statistics
 import sys
@@ -20,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput  # noqa: E402
 from models import build_model  # noqa: E402
 from utils.config import parse_config  # noqa: E402
+from utils.device import choose_device  # noqa: E402
 from utils.images import to_batch  # noqa: E402
 from utils.losses import loss_terms  # noqa: E402
 from utils.train import make_optimizer, training_precision  # noqa: E402
@@ -29,9 +32,11 @@ config = dict(
     precision="fp32",
     batch_size=64,
     batches=8,  # steps of each copy, the first two of them warm-up
+    variants="by_code,distinct,whole",
     threads=0,  # torch's intra-op threads; 0 = torch's default for this machine
 )
 WARMUP_STEPS = 2
+VARIANTS = {"by_code": "decoder by code", "distinct": "distinct blocks", "whole": "every block"}
 
 
 def main(argv):
@@ -42,17 +47,19 @@ def main(argv):
     if model_type != "vqvae":
         sys.exit(f"error: {cfg['configuration']} is not a VQ-VAE; distinct blocks are a VQ-VAE's")
     run_config = {**script_config, "precision": cfg["precision"], "batch_size": cfg["batch_size"]}
-    device = torch.device("cpu")
+    device = choose_device("cpu")
     batch = cfg["batch_size"]
     train, _, source = throughput.splits(run_config["image_size"], batch * cfg["batches"], batch, run_config["seed"])
     copies = {}
-    for distinct in (True, False):
+    for variant in cfg["variants"].split(","):
+        if variant not in VARIANTS:
+            sys.exit(f"error: unknown variant {variant!r}; expected some of {', '.join(VARIANTS)}")
         torch.manual_seed(run_config["seed"])
         model = build_model(model_type, run_config).to(device, memory_format=torch.channels_last).train()
-        # Forced either way, also where the model would not choose distinct blocks itself (2x2
-        # layers under bf16), so that choice can be checked.
+        distinct = variant != "whole"
         model._worth_running_distinct_blocks = lambda x, distinct=distinct: distinct
-        copies["distinct blocks" if distinct else "every block"] = (model, make_optimizer(model, run_config, device), [])
+        model.decode_by_code = variant == "by_code"
+        copies[VARIANTS[variant]] = (model, make_optimizer(model, run_config, device), [])
     for step in range(cfg["batches"]):
         x = to_batch(train.images[step * batch:(step + 1) * batch], device)
         for model, optimizer, seconds in copies.values():

@@ -41,16 +41,20 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
         return normalize_by_batch(self, x, group)
 
 
-def normalize_by_batch(bn: nn.BatchNorm2d, x: Tensor, group=None, counts: Tensor | None = None) -> Tensor:
+def normalize_by_batch(bn: nn.BatchNorm2d, x: Tensor, group=None, counts: Tensor | None = None,
+                       statistics: list | None = None) -> Tensor:
     """BatchNorm in training mode over the batches of `group` (None: this process's alone).
 
     With `counts`, x holds distinct blocks [U, C, s, s] and block u stands for counts[u] copies of
     itself: the statistics, and the running ones, are those of the batch with every copy in it.
+    `statistics`, a list, receives the batch's (mean, variance, count).
     """
     out, mean, variance, count = _NormalizeByBatch.apply(x, bn.weight if bn.affine else None,
                                                         bn.bias if bn.affine else None, counts, group, bn.eps)
     if bn.training and bn.track_running_stats:
         update_running_statistics(bn, mean, variance, count)
+    if statistics is not None:
+        statistics.append((mean, variance, count))
     return out
 
 

@@ -53,13 +53,14 @@ class Decoder(nn.Module):
         # Mirrors the encoder's fused path; the output squashing stays a layer of its own.
         self.pointwise = len(self.layers) == 5 and is_pointwise_stack(self.layers[:4])
 
-    def forward(self, z: Tensor, counts: Tensor | None = None) -> Tensor:
-        """`counts`: z holds distinct blocks standing for counts[u] copies each (models/distinct.py)."""
-        if self.pointwise and z.device.type == "cpu":
+    def forward(self, z: Tensor, counts: Tensor | None = None, trace: list | None = None) -> Tensor:
+        """`counts`: z holds distinct blocks standing for counts[u] copies each (models/distinct.py);
+        `trace` then receives each layer's input and output (`run_layers`)."""
+        if self.pointwise and z.device.type == "cpu" and trace is None:
             conv1, bn, _, conv2, output = self.layers
             return output(fused_pointwise(z, conv1, bn, conv2, counts=counts))
-        hidden = run_layers(self.layers[:-2], z, counts)
+        hidden = run_layers(self.layers[:-2], z, counts, trace)
         # The last layer in float32 even under a bfloat16 autocast: bfloat16 resolves steps of
         # 1/256 near 1, too coarse to land on the 1/255 steps of the colours it must hit exactly.
         with torch.autocast(z.device.type, enabled=False):
-            return run_layers(self.layers[-2:], hidden.float(), counts)
+            return run_layers(self.layers[-2:], hidden.float(), counts, trace)

@@ -1,7 +1,19 @@
 """Cache-sized chunks of rows, worked through on torch's threads, for the memory-bound CPU paths."""
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+
+# Kept for the process: starting threads on every call cost the small VQ-VAE a tenth of its step.
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    with _pools_lock:
+        if threads not in _pools:
+            _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="rows")
+        return _pools[threads]
 
 
 def row_chunks(rows: int, chunk_rows: int) -> list[tuple[int, int]]:
@@ -31,7 +43,6 @@ def run_on_threads(work, chunks: list[tuple[int, int]], device: torch.device) ->
             return work(share)
 
     try:
-        with ThreadPoolExecutor(threads) as pool:
-            return list(pool.map(single_threaded, shares))
+        return list(_pool(threads).map(single_threaded, shares))
     finally:
         torch.set_num_threads(caller_threads)  # ...so put it back for the caller

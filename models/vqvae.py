@@ -4,6 +4,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .codes import decode_by_code, decodes_by_code
 from .decoder import Decoder
 from .distinct import assemble, distinct_blocks
 from .encoder import Encoder
@@ -28,7 +29,7 @@ class VQVAE(nn.Module):
                  adapter_layer: bool = False, pixelsight_filters: int = 0, in_channels: int = 3,
                  kmeans_init: bool = False, dead_code_threshold: float = 0.0):
         super().__init__()
-        self.num_layers = num_layers
+        self.num_layers, self.pixelsight_filters = num_layers, pixelsight_filters
         self.encoder = Encoder(num_layers, embedding_dim, adapter_layer, pixelsight_filters,
                                in_channels)
         self.quantizer = VectorQuantizerEMA(num_embeddings, embedding_dim, commitment_cost,
@@ -39,6 +40,8 @@ class VQVAE(nn.Module):
         # forward() runs each distinct 2^n x 2^n block of a batch once (models/distinct.py): the
         # same results as the whole batch, up to float summation order. False runs every block.
         self.run_distinct_blocks = True
+        # On distinct blocks, the decoder runs once per code in use (models/codes.py).
+        self.decode_by_code = True
 
     def code_grid_size(self, image_size: int) -> int:
         """Side of the code grid for a square image of side `image_size`."""
@@ -67,12 +70,19 @@ class VQVAE(nn.Module):
         return self.decode(self.quantizer.embed_indices(indices))
 
     def _worth_running_distinct_blocks(self, x: Tensor) -> bool:
-        # Measured on the CPU (bench/README.md): the all-1x1 model trains twice as fast on its
-        # distinct pixels at either precision; with 2x2 layers the gain is at most 1.3x in float32, and
-        # under a bfloat16 autocast the weighted statistics' conversions cost more than it saves.
+        # Measured on the CPU (bench/distinct.py): the all-1x1 model trains twice as fast on its
+        # distinct pixels at either precision, and the 16x16 Pixel VQ-VAE 1.4x faster on distinct
+        # blocks with its decoder run per code. Under a bfloat16 autocast the plain VQ-VAE's narrow
+        # layers cost less than finding its blocks does (1,457 images/s whole, 1,156 on blocks).
         bfloat16 = (torch.is_autocast_enabled(x.device.type)
                     and torch.get_autocast_dtype(x.device.type) == torch.bfloat16)
-        return self.run_distinct_blocks and (self.num_layers == 0 or not bfloat16)
+        wide_and_by_code = self.pixelsight_filters > 0 and self._worth_decoding_by_code(x)
+        return self.run_distinct_blocks and (self.num_layers == 0 or not bfloat16 or wide_and_by_code)
+
+    def _worth_decoding_by_code(self, x: Tensor) -> bool:
+        # The per-pixel decoder's fused CPU path holds no activations to run per code.
+        fused = self.decoder.pointwise and x.device.type == "cpu"
+        return self.decode_by_code and decodes_by_code(self.decoder) and not fused
 
     def forward(self, x: Tensor) -> VQVAEOutput:
         side = 2 ** self.num_layers
@@ -82,7 +92,11 @@ class VQVAE(nn.Module):
             return VQVAEOutput(self.decode(quantized.quantized), quantized.loss, quantized.indices)
         blocks, repeats = found
         quantized = self.quantizer(self.encoder(blocks, repeats.counts), repeats)
-        reconstructed = self.decoder(quantized.quantized, repeats.counts)
+        if self._worth_decoding_by_code(x):
+            reconstructed = decode_by_code(self.decoder, quantized.quantized,
+                                           quantized.indices.flatten(), repeats.counts)
+        else:
+            reconstructed = self.decoder(quantized.quantized, repeats.counts)
         grid = (len(x), x.shape[2] // side, x.shape[3] // side)
         indices = quantized.indices.flatten()[repeats.inverse].reshape(grid)
         return VQVAEOutput(assemble(reconstructed, repeats.inverse, *grid), quantized.loss, indices)

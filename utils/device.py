@@ -1,11 +1,41 @@
 """Where tensors live: chosen by the caller's config, never hard-coded in a module."""
+import ctypes
+import functools
+import sys
+
 import torch
 
 from utils.errors import UserError
 
 
+# glibc's mallopt parameters, and the largest value each takes.
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+LARGEST_INT = 2**31 - 1
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed memory for the next allocation instead of returning it to the kernel.
+
+    Otherwise each large activation is fresh memory mapped for it, and its first write faults in
+    every page: a copy of 88 MB took 43 ms that way and 7 ms in reused memory, on this 2-core
+    machine. The peak memory is the same; what is freed is kept until the process ends.
+    True where it took effect (Linux with glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return all(libc.mallopt(parameter, value) == 1 for parameter, value in
+                   ((M_MMAP_THRESHOLD, LARGEST_INT), (M_TRIM_THRESHOLD, LARGEST_INT), (M_TOP_PAD, 0)))
+    except (OSError, AttributeError):  # another C library
+        return False
+
+
 def choose_device(name):
-    """'auto' is CUDA when present, else the CPU; any other name must be usable here."""
+    """'auto' is CUDA when present, else the CPU; any other name must be usable here.
+
+    Also sets the process's allocator to keep freed memory (`keep_freed_memory`), for the CPU."""
+    keep_freed_memory()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
