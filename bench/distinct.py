@@ -60,9 +60,21 @@ def main(argv):
         model._worth_running_distinct_blocks = lambda x, distinct=distinct: distinct
         model.decode_by_code = variant == "by_code"
         copies[VARIANTS[variant]] = (model, make_optimizer(model, run_config, device), [])
-    for step in range(cfg["batches"]):
+    alternate(copies, model_type, run_config, train, cfg["batches"], device)
+    print(f"{cfg['configuration']} {cfg['precision']}, {source}, batch {batch}, {torch.get_num_threads()} threads, "
+          f"median of {cfg['batches'] - WARMUP_STEPS} alternating steps")
+    report(copies, batch)
+
+
+def alternate(copies, model_type, run_config, train, batches, device, before_step=None):
+    """Training steps of each copy in turn on the same batches; each copy's seconds per step.
+    `before_step(name)`, when given, runs before each copy's step, outside its time."""
+    batch = run_config["batch_size"]
+    for step in range(batches):
         x = to_batch(train.images[step * batch:(step + 1) * batch], device)
-        for model, optimizer, seconds in copies.values():
+        for name, (model, optimizer, seconds) in copies.items():
+            if before_step:
+                before_step(name)
             started = time.perf_counter()
             with training_precision(run_config, device, True):
                 loss = loss_terms(model_type, model(x), x, run_config)["loss"]
@@ -70,12 +82,12 @@ def main(argv):
             loss.backward()
             optimizer.step()
             seconds.append(time.perf_counter() - started)
-    print(f"{cfg['configuration']} {cfg['precision']}, {source}, batch {batch}, {torch.get_num_threads()} threads, "
-          f"median of {cfg['batches'] - WARMUP_STEPS} alternating steps")
+
+
+def report(copies, batch):
     for name, (_, _, seconds) in copies.items():
         median = statistics.median(seconds[WARMUP_STEPS:])
-        print(f"  {name:<16} {median * 1e3:8.1f} ms/step  {batch / median:8.1f} images/s")
-
+        print(f"  {name:<22} {median * 1e3:8.1f} ms/step  {batch / median:8.1f} images/s")
 
 if __name__ == "__main__":
     main(sys.argv[1:])
