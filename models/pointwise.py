@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from .batchnorm import SyncBatchNorm2d, update_running_statistics
 from .distributed import summed_over
-from .threads import row_chunks, run_on_threads
+from .threads import cpu_has_bfloat16, row_chunks, run_on_threads
 
 # Bytes of hidden activations per chunk: 1 MiB is one core's L2 cache on the development CPU
 # (Zen 4), 512 rows of 512 fp32 channels. Half and double that measured within a few percent in
@@ -31,7 +31,10 @@ def default_chunk_rows(hidden: int, dtype: torch.dtype) -> int:
 
 
 def _fused_linear_relu_available(x: Tensor) -> bool:
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+    # oneDNN has no bfloat16 inner product on CPUs without bfloat16 instructions (AVX2 alone):
+    # it refuses to build the primitive rather than fall back.
+    dtype_supported = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and cpu_has_bfloat16())
+    return (x.device.type == "cpu" and dtype_supported
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 

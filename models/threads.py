@@ -1,4 +1,5 @@
 """Cache-sized chunks of rows, worked through on torch's threads, for the memory-bound CPU paths."""
+import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -46,3 +47,12 @@ def run_on_threads(work, chunks: list[tuple[int, int]], device: torch.device) ->
         return list(_pool(threads).map(single_threaded, shares))
     finally:
         torch.set_num_threads(caller_threads)  # ...so put it back for the caller
+
+
+@functools.cache
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX-512 BF16, AMX) that oneDNN uses. Without
+    them a bfloat16 matrix product falls back to scalar code: 0.25 GFLOP/s against 75 in float32,
+    measured on a 2-core AVX2 machine (AMD EPYC, Zen 3)."""
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(supported and torch.backends.mkldnn.is_available() and supported())

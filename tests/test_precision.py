@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from models.threads import cpu_has_bfloat16
 from tests.conftest import train
 
 
@@ -12,6 +13,9 @@ def test_a_bfloat16_run_trains_and_differs_from_float32_only_by_rounding(tmp_pat
     for precision in ("fp32", "bf16"):
         done = train("train_vqvae.py", tmp_path, tiny_data, f"--precision={precision}", name=precision)
         assert done.returncode == 0, done.stderr[-3000:]
+        # A CPU without bfloat16 instructions runs it in scalar code: the user is told so.
+        warned = "this CPU has no bfloat16 instructions" in done.stderr
+        assert warned == (precision == "bf16" and not cpu_has_bfloat16())
         runs[precision] = torch.load(tmp_path / precision / "model.pt", weights_only=True)["model"]
     assert any(not torch.equal(runs["fp32"][k], runs["bf16"][k]) for k in runs["fp32"])
     metrics = {p: json.loads((tmp_path / p / "metrics.json").read_text()) for p in runs}

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from models import build_model, model_keys
 from models.distributed import all_reduce_sum
+from models.threads import cpu_has_bfloat16
 from utils import data
 from utils.config import parse_config, print_config, save_config
 from utils.distributed import (agreed, barrier, batch_shares, data_parallel, earliest_over_ranks,
@@ -353,6 +354,9 @@ def train(model_type, config, device):
     print_config(config)
     if config.get("precision", "fp32") not in PRECISIONS:
         raise UserError(f"precision {config['precision']!r} is not one of {', '.join(PRECISIONS)}")
+    if config.get("precision") == "bf16" and device.type == "cpu" and not cpu_has_bfloat16() and is_first_rank():
+        print("warning: this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX), so precision 'bf16' "
+              "runs its matrix products in slow scalar code, far slower than 'fp32'", file=sys.stderr)
     out = (ROOT / config["output_dir"] / config["experiment_name"]).resolve()
     checkpoint_path = out / "checkpoint.pt"
     # Rank 0 alone checks the folder and prepares the data; the others read what it made.
