@@ -57,7 +57,7 @@ def main(argv):
         torch.manual_seed(run_config["seed"])
         model = build_model(model_type, run_config).to(device, memory_format=torch.channels_last).train()
         distinct = variant != "whole"
-        model._worth_running_distinct_blocks = lambda x, distinct=distinct: distinct
+        model.run_distinct_blocks = distinct
         model.decode_by_code = variant == "by_code"
         copies[VARIANTS[variant]] = (model, make_optimizer(model, run_config, device), [])
     alternate(copies, model_type, run_config, train, cfg["batches"], device)

@@ -53,7 +53,7 @@ config = dict(
     warmup_steps=2,
     threads=0,  # torch's intra-op threads; 0 = torch's default for this machine
     device="auto",
-    distinct_blocks=True,  # VQ-VAEs run each distinct block of a batch once (models/distinct.py)
+    distinct_blocks=True,  # VQ-VAEs run each distinct block once where the model finds it pays (models/distinct.py)
     compile=False,  # time the model compiled by torch.compile (inductor), compilation in the warm-up
     prepare=False,  # also time `utils.data` preparing the whole set from the fetched source
     json="outputs/bench/throughput.json",
@@ -150,8 +150,8 @@ def measure(name, precision, cfg):
     batch = run_config["batch_size"]
     train, _, source = splits(run_config["image_size"], batch * cfg["steps"], batch, run_config["seed"])
     model = build_model(model_type, run_config).to(device, memory_format=torch.channels_last)
-    if model_type == "vqvae":
-        model.run_distinct_blocks = cfg["distinct_blocks"]
+    if model_type == "vqvae" and not cfg["distinct_blocks"]:
+        model.run_distinct_blocks = False
     optimizer = make_optimizer(model, run_config, device)
     timed = torch.compile(model) if cfg["compile"] else model
     run_epoch(timed, model_type, train.subset(batch * cfg["warmup_steps"]), run_config, device, 0, optimizer)

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from .distinct import Repeats
 from .distributed import all_gather_rows, all_reduce_sum, broadcast_from_first_rank
-from .threads import row_chunks, run_on_threads
+from .threads import row_chunks
 
 KMEANS_SAMPLES = 16384  # latents k-means sees; enough to place the codes, cheap at any batch size
 KMEANS_ITERATIONS = 10
@@ -27,16 +27,14 @@ def nearest_code(x: Tensor, codebook: Tensor) -> Tensor:
     if x.device.type != "cpu":
         return torch.addmm(norms, x, codebook_t, alpha=-2).argmin(1)
     # On the CPU the whole [rows, codes] matrix (256 MiB for a batch of the per-pixel model)
-    # would be written out and read back for the argmin; cache-sized blocks of it are not.
+    # would be written out and read back for the argmin; cache-sized blocks of it are not. Each
+    # block's ops run on torch's own threads: a Python thread per core, as models/threads.py
+    # runs, made the quantiser of a 16,384-latent batch 19.5 ms instead of 12.6 on a 2-core Zen 3.
     indices = torch.empty(len(x), dtype=torch.long)
     block_rows = max(64, DISTANCE_BYTES_PER_CHUNK // (len(codebook) * x.dtype.itemsize))
-
-    def work(pieces):
-        for start, stop in pieces:
-            distances = torch.addmm(norms, x[start:stop], codebook_t, alpha=-2)
-            torch.argmin(distances, 1, out=indices[start:stop])
-
-    run_on_threads(work, row_chunks(len(x), block_rows), x.device)
+    for start, stop in row_chunks(len(x), block_rows):
+        distances = torch.addmm(norms, x[start:stop], codebook_t, alpha=-2)
+        torch.argmin(distances, 1, out=indices[start:stop])
     return indices
 
 

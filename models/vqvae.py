@@ -38,8 +38,10 @@ class VQVAE(nn.Module):
         self.decoder = Decoder(num_layers, embedding_dim, adapter_layer, pixelsight_filters,
                                in_channels)
         # forward() runs each distinct 2^n x 2^n block of a batch once (models/distinct.py): the
-        # same results as the whole batch, up to float summation order. False runs every block.
-        self.run_distinct_blocks = True
+        # same results as the whole batch, up to float summation order. None leaves it to the
+        # measured rule of `_worth_running_distinct_blocks`; True runs distinct blocks always,
+        # False every block.
+        self.run_distinct_blocks: bool | None = None
         # On distinct blocks, the decoder runs once per code in use (models/codes.py).
         self.decode_by_code = True
 
@@ -72,12 +74,17 @@ class VQVAE(nn.Module):
     def _worth_running_distinct_blocks(self, x: Tensor) -> bool:
         # Measured on the CPU (bench/distinct.py): the all-1x1 model trains twice as fast on its
         # distinct pixels at either precision, and the 16x16 Pixel VQ-VAE 1.4x faster on distinct
-        # blocks with its decoder run per code. Under a bfloat16 autocast the plain VQ-VAE's narrow
-        # layers cost less than finding its blocks does (1,457 images/s whole, 1,156 on blocks).
+        # blocks with its decoder run per code. The plain VQ-VAE's narrow layers cost less than
+        # finding its blocks does: 1-8% slower on blocks in float32 and 1,156 against 1,457
+        # images/s in bfloat16 on a Zen 4, 1,366 against 1,478 in float32 on a Zen 3. Evaluation
+        # has no backward pass to save and the test split's plain backgrounds repeat more: there
+        # the plain VQ-VAE ran 4,038 test images/s on blocks, 2,765 whole (Zen 3).
+        if self.run_distinct_blocks is not None:
+            return self.run_distinct_blocks
         bfloat16 = (torch.is_autocast_enabled(x.device.type)
                     and torch.get_autocast_dtype(x.device.type) == torch.bfloat16)
-        wide_and_by_code = self.pixelsight_filters > 0 and self._worth_decoding_by_code(x)
-        return self.run_distinct_blocks and (self.num_layers == 0 or not bfloat16 or wide_and_by_code)
+        wide = self.pixelsight_filters > 0 and (not bfloat16 or self._worth_decoding_by_code(x))
+        return self.num_layers == 0 or wide or not self.training
 
     def _worth_decoding_by_code(self, x: Tensor) -> bool:
         # The per-pixel decoder's fused CPU path holds no activations to run per code.

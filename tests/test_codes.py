@@ -17,7 +17,7 @@ def by_code_and_whole(**keys):
     torch.manual_seed(0)
     model = VQVAE(2, 16, 8, **keys).to(memory_format=torch.channels_last)
     whole = copy.deepcopy(model)
-    whole.run_distinct_blocks = False
+    model.run_distinct_blocks, whole.run_distinct_blocks = True, False
     return model, whole
 
 

@@ -171,3 +171,14 @@ def test_weighted_batchnorm_backward_is_the_derivative_of_its_forward(weighted):
     counts = torch.tensor([1.0, 3, 2, 5, 1], dtype=torch.float64) if weighted else None
     assert torch.autograd.gradcheck(lambda x, w, b: normalize_by_batch(bn, x, counts=counts),
                                     (x, bn.weight, bn.bias))
+
+
+def test_only_the_wide_and_the_per_pixel_models_run_distinct_blocks_unless_told():
+    x = palette_batch()
+    plain, wide, per_pixel = (VQVAE(2, 16, 8), VQVAE(2, 16, 8, adapter_layer=True, pixelsight_filters=32),
+                              VQVAE(0, 16, 8, adapter_layer=True, pixelsight_filters=32))
+    assert [m._worth_running_distinct_blocks(x) for m in (plain, wide, per_pixel)] == [False, True, True]
+    assert plain.eval()._worth_running_distinct_blocks(x)
+    plain.train()
+    plain.run_distinct_blocks, wide.run_distinct_blocks = True, False
+    assert plain._worth_running_distinct_blocks(x) and not wide._worth_running_distinct_blocks(x)
