@@ -100,10 +100,52 @@ def _input_gradient(conv, g, matrix, given):
     return out.reshape(len(g), given.shape[2], given.shape[3], conv.in_channels)
 
 
+# Latent gradients go through each code's Jacobian when its rows, codes x (outputs per block + 1),
+# number at most this share of the blocks: the per-pixel model's 256 x 4 against some 100,000.
+JACOBIAN_ROW_SHARE = 0.5
+
+
 def latent_gradients(trace: list, grad: Tensor, code_of_block: Tensor, counts: Tensor) -> Tensor:
     """The gradients [U, D, 1, 1] of the latents of distinct blocks whose reconstructions have
     gradients `grad` [U, C, s, s] (each summed over the block's copies), through a decoder whose
     forward pass over the codes `trace` holds (`run_layers`)."""
+    codes = len(trace[0][1])
+    if codes * (grad[0].numel() + 1) <= JACOBIAN_ROW_SHARE * len(grad):
+        return _latent_gradients_by_jacobian(trace, grad, code_of_block, counts, codes)
+    return _latent_gradients_per_block(trace, grad, code_of_block, counts)
+
+
+def _latent_gradients_by_jacobian(trace, grad, code_of_block, counts, codes):
+    """`latent_gradients` from per-code linear maps, for blocks with few outputs and many blocks.
+
+    The masks and batch statistics of the backward pass are fixed per code, so it is linear in
+    each block's gradient g_u: J_k^T g_u, less counts[u] times a vector P_k of BatchNorm's
+    statistics' terms. J_k comes from unit gradients with no share in the statistics, and P_k
+    from the blocks' gradients summed per code, whose statistics' terms are those of all blocks.
+    The work per block is then outputs x D multiply-adds, not the decoder's backward."""
+    outputs = grad[0].numel()
+    unit = torch.eye(outputs, dtype=torch.float32, device=grad.device).reshape(outputs, *grad.shape[1:])
+    code_of_unit = torch.arange(codes, device=grad.device).repeat_interleave(outputs)
+    # No counts: the unit gradients take no part in the statistics, nor in their collectives, so
+    # the processes of a data-parallel run meet in the same collectives on either path.
+    jacobians = _latent_gradients_per_block(trace, unit.repeat(codes, 1, 1, 1), code_of_unit,
+                                            None).reshape(codes, outputs, -1)
+    summed = grad.new_zeros(codes, *grad.shape[1:]).index_add_(0, code_of_block, grad).float()
+    code_counts = counts.new_zeros(codes).index_add_(0, code_of_block, counts)
+    through_summed = _latent_gradients_per_block(trace, summed, torch.arange(codes, device=grad.device),
+                                                 code_counts).reshape(codes, -1)
+    linear_part = torch.einsum("kj,kjd->kd", summed.reshape(codes, outputs), jacobians)
+    statistics_terms = (linear_part - through_summed) / code_counts.unsqueeze(1)
+    # Each block's row of factors (g_u, -counts[u]) times its code's stacked maps, one factor at a time.
+    maps = torch.cat([jacobians, statistics_terms.unsqueeze(1)], 1).transpose(0, 1).contiguous()
+    factors = torch.cat([grad.reshape(len(grad), outputs).float(), -counts.unsqueeze(1)], 1)
+    latents = factors[:, :1] * maps[0].index_select(0, code_of_block)
+    for j in range(1, outputs + 1):
+        latents.addcmul_(factors[:, j:j + 1], maps[j].index_select(0, code_of_block))
+    return latents.reshape(len(grad), -1, 1, 1)
+
+
+def _latent_gradients_per_block(trace, grad, code_of_block, counts):
     (conv, conv_in, conv_out, _), (_, sigmoid_in, _, _) = trace[-2:]
     sigmoid = torch.sigmoid(_rows(sigmoid_in).float())
     slope = sigmoid * (1 - sigmoid) * (1 + 2 * OUTPUT_MARGIN)
@@ -124,19 +166,19 @@ def _through_batchnorm_and_conv(conv, conv_in, conv_out, bn, bn_in, statistics, 
     on the few codes and in its weights, so the blocks' activations are read twice, not six times."""
     matrix = _forward_matrix(conv)
     repeat = matrix.shape[1] // bn.num_features
-    if statistics is None:  # running statistics: a fixed per-channel affine map
-        scale = (bn.running_var + bn.eps).rsqrt()
-        scale = scale if bn.weight is None else scale * bn.weight.detach()
-        return _input_gradient(conv, g, (matrix * scale.repeat(repeat)).to(conv_out.dtype), conv_in)
-    mean, variance, count = statistics
-    invstd = (variance + bn.eps).rsqrt()
+    invstd = (bn.running_var if statistics is None else statistics[1]).add(bn.eps).rsqrt()
     scale = invstd if bn.weight is None else invstd * bn.weight.detach()
+    out = _input_gradient(conv, g, (matrix * scale.repeat(repeat)).to(conv_out.dtype), conv_in)
+    # Running statistics are a fixed per-channel affine map; gradients without counts have no
+    # share in the batch statistics.
+    if statistics is None or counts is None:
+        return out
+    mean, _, count = statistics
     normalized = (_rows(bn_in).float() - mean) * invstd  # [K, S, S, C], per code
     summed = torch.zeros_like(normalized).index_add_(0, code_of_block, g)
     sums = torch.cat([summed.sum((0, 1, 2)), (summed * normalized).sum((0, 1, 2))])
     group = bn.statistics_group() if type(bn) is SyncBatchNorm2d else None
     sum_g, sum_g_normalized = summed_over(sums, group).split(bn.num_features)
-    out = _input_gradient(conv, g, (matrix * scale.repeat(repeat)).to(conv_out.dtype), conv_in)
     # Per code: the statistics' terms, before each block's share of the batch weighs them.
     terms = normalized * (scale * sum_g_normalized) + scale * sum_g
     terms = _input_gradient(conv, terms, matrix.float(), conv_in)

@@ -63,4 +63,5 @@ class Decoder(nn.Module):
         # The last layer in float32 even under a bfloat16 autocast: bfloat16 resolves steps of
         # 1/256 near 1, too coarse to land on the 1/255 steps of the colours it must hit exactly.
         with torch.autocast(z.device.type, enabled=False):
-            return run_layers(self.layers[-2:], hidden.float(), counts, trace)
+            return run_layers(self.layers[-2:], hidden.to(torch.promote_types(hidden.dtype, torch.float32)),
+                              counts, trace)

@@ -83,13 +83,11 @@ class VQVAE(nn.Module):
             return self.run_distinct_blocks
         bfloat16 = (torch.is_autocast_enabled(x.device.type)
                     and torch.get_autocast_dtype(x.device.type) == torch.bfloat16)
-        wide = self.pixelsight_filters > 0 and (not bfloat16 or self._worth_decoding_by_code(x))
+        wide = self.pixelsight_filters > 0 and (not bfloat16 or self._worth_decoding_by_code())
         return self.num_layers == 0 or wide or not self.training
 
-    def _worth_decoding_by_code(self, x: Tensor) -> bool:
-        # The per-pixel decoder's fused CPU path holds no activations to run per code.
-        fused = self.decoder.pointwise and x.device.type == "cpu"
-        return self.decode_by_code and decodes_by_code(self.decoder) and not fused
+    def _worth_decoding_by_code(self) -> bool:
+        return self.decode_by_code and decodes_by_code(self.decoder)
 
     def forward(self, x: Tensor) -> VQVAEOutput:
         side = 2 ** self.num_layers
@@ -99,7 +97,7 @@ class VQVAE(nn.Module):
             return VQVAEOutput(self.decode(quantized.quantized), quantized.loss, quantized.indices)
         blocks, repeats = found
         quantized = self.quantizer(self.encoder(blocks, repeats.counts), repeats)
-        if self._worth_decoding_by_code(x):
+        if self._worth_decoding_by_code():
             reconstructed = decode_by_code(self.decoder, quantized.quantized,
                                            quantized.indices.flatten(), repeats.counts)
         else:

@@ -21,7 +21,9 @@ def ssim(x, y):
 
     Only windows that fit inside the image count ('valid'), as in scikit-image's and TensorFlow's
     reference implementations, so the training term and the reported metric agree."""
-    x, y = x.float(), y.float()
+    # At least float32 (a bfloat16 reconstruction's windowed sums would lose the small variances).
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x, y = x.to(dtype), y.to(dtype)
     channels = x.shape[1]
     window = _gaussian_window(channels, x.device, x.dtype)
     blur = functools.partial(F.conv2d, weight=window, groups=channels)
