@@ -69,7 +69,7 @@ CONFIGURATIONS = {
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TEST_IMAGES = 3816  # the prepared test split's size; evaluation is timed over this many images
-# The paper's reference implementation on this kind of 2-core machine, batch 64 (from issue #6):
+# The paper's reference implementation on a 2-core AVX-512 machine, batch 64 (from issue #6):
 # images/s, peak memory in bytes, and the speed-up asked of this code.
 REFERENCE = {
     "pixel_vqvae": (15, 3.9e9, 10),
