@@ -12,6 +12,11 @@ mean_y = W1 mu_x and var_y[c] = w_c^T Sigma_x w_c. BatchNorm then folds into an 
 x A^T + b. That folding, and mu_x and Sigma_x, are ordinary differentiable ops on small tensors, so
 autograd carries the gradient through the batch statistics; only the wide chunked core,
 (x, A, b, W2, bias2) -> relu(x A^T + b) W2^T + bias2, has a hand-written backward.
+
+The same stack with a 2x2 stride-2 convolution last opens the VAE's and the 16x16 Pixel VQ-VAE's
+encoders (adapter, BatchNorm, ReLU, first downsampling layer), whose hidden activation is the
+widest tensor of either model at full resolution: there the rows are 2x2 patches, and A is four
+copies of the folded adapter on its diagonal.
 """
 import torch
 from torch import Tensor, nn
@@ -125,7 +130,8 @@ class PointwiseCore(torch.autograd.Function):
 
 def fused_pointwise(x: Tensor, conv1: nn.Conv2d, bn: nn.BatchNorm2d, conv2: nn.Conv2d,
                     chunk_rows: int = 0, bfloat16: bool = False, counts: Tensor | None = None) -> Tensor:
-    """conv2(relu(bn(conv1(x)))) for 1x1 convolutions, computed pixel-chunk by pixel-chunk.
+    """conv2(relu(bn(conv1(x)))) for a 1x1 conv1 and a 1x1 or 2x2 stride-2 conv2, computed
+    chunk by chunk of pixels (or of 2x2 patches).
 
     Uses the modules' own parameters and buffers (running statistics are updated in training mode
     exactly as BatchNorm would), so a model keeps its state_dict either way. The result is in
@@ -142,7 +148,9 @@ def fused_pointwise(x: Tensor, conv1: nn.Conv2d, bn: nn.BatchNorm2d, conv2: nn.C
         # Flattened through the channels-last order the training loop keeps them in, so their
         # gradients come back in that layout too (DistributedDataParallel warns of any other).
         W1 = conv1.weight.permute(0, 2, 3, 1).reshape(conv1.out_channels, channels)
-        W2 = conv2.weight.permute(0, 2, 3, 1).reshape(conv2.out_channels, conv1.out_channels)
+        # A 2x2 stride-2 conv2 reads 2x2 patches of the hidden pixels, (row, column, channel) order.
+        side = conv2.kernel_size[0]
+        W2 = conv2.weight.permute(0, 2, 3, 1).reshape(conv2.out_channels, side * side * conv1.out_channels)
         rows = x.permute(0, 2, 3, 1).reshape(-1, channels).to(W1.dtype)
         # As nn.BatchNorm2d: batch statistics in training, or always when no running ones are kept.
         use_batch_statistics = bn.training or bn.running_mean is None
@@ -183,25 +191,32 @@ def fused_pointwise(x: Tensor, conv1: nn.Conv2d, bn: nn.BatchNorm2d, conv2: nn.C
             scale = bn.weight * scale
             shift = bn.weight * shift + bn.bias
         A = scale.unsqueeze(1) * W1
+        if side > 1:
+            # Each patch's pixels share conv1 and BatchNorm: one block of A per pixel of the patch.
+            # The zeros cost little beside conv2, as conv1 reads only a few colour channels.
+            rows = (rows.reshape(batch, height // side, side, width // side, side, channels)
+                    .transpose(2, 3).reshape(-1, side * side * channels))
+            A, shift = torch.block_diag(*[A] * side ** 2), shift.repeat(side ** 2)
         chunk_rows = chunk_rows or default_chunk_rows(A.shape[0], torch.bfloat16 if bfloat16 else A.dtype)
         out = PointwiseCore.apply(rows, A, shift, W2, conv2.bias, chunk_rows, bfloat16)
-    out = out.reshape(batch, height, width, -1).permute(0, 3, 1, 2)
+    out = out.reshape(batch, height // side, width // side, -1).permute(0, 3, 1, 2)
     if not x.is_contiguous(memory_format=torch.channels_last):
         out = out.contiguous()
     return out
 
 
-def is_pointwise_stack(layers) -> bool:
+def is_pointwise_stack(layers, patches: bool = False) -> bool:
     """Whether `layers` is exactly Conv1x1 -> BatchNorm2d (or SyncBatchNorm2d) -> ReLU -> Conv1x1,
-    all stride 1."""
+    all stride 1; with `patches`, the last may also be a 2x2 stride-2 convolution."""
     if len(layers) != 4:
         return False
     conv1, bn, relu, conv2 = layers
 
-    def pointwise(conv):
-        return (type(conv) is nn.Conv2d and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
-                and conv.padding == (0, 0) and conv.groups == 1)
+    def conv(layer, side):
+        return (type(layer) is nn.Conv2d and layer.kernel_size == (side, side) and layer.stride == (side, side)
+                and layer.padding == (0, 0) and layer.groups == 1)
 
-    return (pointwise(conv1) and pointwise(conv2) and type(bn) in (nn.BatchNorm2d, SyncBatchNorm2d)
+    last = conv(conv2, 1) or (patches and conv(conv2, 2))
+    return (conv(conv1, 1) and last and type(bn) in (nn.BatchNorm2d, SyncBatchNorm2d)
             and type(relu) is nn.ReLU and bn.num_features == conv1.out_channels
             and conv2.in_channels == conv1.out_channels)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from models import VQVAE
+from models import VAE, VQVAE
 from models.pointwise import PointwiseCore, fused_pointwise, is_pointwise_stack
 
 
@@ -14,10 +14,12 @@ def seeded():
     torch.manual_seed(0)
 
 
-def pointwise_stack(in_channels=3, hidden=64, out_channels=8, first_bias=False, dtype=torch.float64):
-    """Conv1x1 -> BatchNorm -> ReLU -> Conv1x1 with BatchNorm's affine parameters moved off 1 and 0."""
+def pointwise_stack(in_channels=3, hidden=64, out_channels=8, first_bias=False, dtype=torch.float64, last_side=1):
+    """Conv1x1 -> BatchNorm -> ReLU -> Conv1x1 (or, with `last_side` 2, a 2x2 stride-2 convolution)
+    with BatchNorm's affine parameters moved off 1 and 0."""
+    last = nn.Conv2d(hidden, out_channels, last_side, stride=last_side)
     stack = nn.Sequential(nn.Conv2d(in_channels, hidden, 1, bias=first_bias), nn.BatchNorm2d(hidden),
-                          nn.ReLU(), nn.Conv2d(hidden, out_channels, 1)).to(dtype)
+                          nn.ReLU(), last).to(dtype)
     with torch.no_grad():
         stack[1].weight.uniform_(0.5, 1.5)
         stack[1].bias.uniform_(-0.5, 0.5)
@@ -46,26 +48,28 @@ def gradients(stack, x, output, weights):
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
 
 
+@pytest.mark.parametrize("last_side", [1, 2])
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("training", [True, False])
-def test_forward_equals_the_unfused_layers(training, channels_last):
-    stack = pointwise_stack().train(training)
+def test_forward_equals_the_unfused_layers(training, channels_last, last_side):
+    stack = pointwise_stack(last_side=last_side).train(training)
     x = pixels(channels_last=channels_last)
     expected = copy.deepcopy(stack)(x)
-    out = fused(stack, x, chunk_rows=48)
-    assert out.shape == expected.shape == (4, 8, 8, 8)
+    out = fused(stack, x, chunk_rows=48 // last_side ** 2)
+    assert out.shape == expected.shape == (4, 8, 8 // last_side, 8 // last_side)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
     assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
     assert out.is_contiguous() != channels_last
 
 
+@pytest.mark.parametrize("last_side", [1, 2])
 @pytest.mark.parametrize("chunk_rows", [1, 7, 48, 256, 10_000])
-def test_gradients_include_the_batch_statistics_term_at_any_chunking(chunk_rows):
-    # 256 rows: 7 and 48 leave a ragged last chunk, 10_000 is one chunk.
-    stack = pointwise_stack()
+def test_gradients_include_the_batch_statistics_term_at_any_chunking(chunk_rows, last_side):
+    # 256 pixels, 64 patches: 7 and 48 leave a ragged last chunk, 10_000 is one chunk.
+    stack = pointwise_stack(last_side=last_side)
     reference = copy.deepcopy(stack)
     x = pixels().requires_grad_()
-    weights = torch.randn(4, 8, 8, 8, dtype=torch.float64)
+    weights = torch.randn(4, 8, 8 // last_side, 8 // last_side, dtype=torch.float64)
     expected = gradients(reference, x, reference(x), weights)
     actual = gradients(stack, x, fused(stack, x, chunk_rows=chunk_rows), weights)
     for got, want in zip(actual, expected):
@@ -76,12 +80,13 @@ def test_gradients_include_the_batch_statistics_term_at_any_chunking(chunk_rows)
     assert (expected[0] - gradients(detached, x, detached(x), weights)[0]).abs().max() > 1e-3
 
 
-def test_gradients_in_eval_mode_and_with_a_bias_before_batch_norm():
+@pytest.mark.parametrize("last_side", [1, 2])
+def test_gradients_in_eval_mode_and_with_a_bias_before_batch_norm(last_side):
     for training in (True, False):
-        stack = pointwise_stack(in_channels=5, first_bias=True).train(training)
+        stack = pointwise_stack(in_channels=5, first_bias=True, last_side=last_side).train(training)
         reference = copy.deepcopy(stack)
         x = pixels(channels=5).requires_grad_()
-        weights = torch.randn(4, 8, 8, 8, dtype=torch.float64)
+        weights = torch.randn(4, 8, 8 // last_side, 8 // last_side, dtype=torch.float64)
         expected = gradients(reference, x, reference(x), weights)
         actual = gradients(stack, x, fused(stack, x, chunk_rows=100), weights)
         for got, want in zip(actual, expected):
@@ -188,6 +193,36 @@ def test_bfloat16_core_stays_within_a_few_percent_of_float64():
     for got, want in zip(actual, expected):
         assert got.dtype == torch.float32
         assert (got - want).norm() < 0.1 * want.norm()
+
+
+def test_blocks_with_counts_give_the_batch_with_every_copy_through_a_patch_stack():
+    stack = pointwise_stack(last_side=2)
+    blocks = pixels(batch=5, size=4).requires_grad_()
+    counts = torch.tensor([1.0, 3.0, 2.0, 1.0, 4.0], dtype=torch.float64)
+    copies = blocks.repeat_interleave(counts.long(), 0)
+    reference = copy.deepcopy(stack)
+    weights = torch.randn(5, 8, 2, 2, dtype=torch.float64)
+    out = fused_pointwise(blocks, stack[0], stack[1], stack[3], chunk_rows=3, counts=counts)
+    expected = reference(copies)
+    torch.testing.assert_close(out.repeat_interleave(counts.long(), 0), expected, rtol=0, atol=1e-10)
+    torch.testing.assert_close(stack[1].running_var, reference[1].running_var, rtol=0, atol=1e-12)
+    # A block's output gradient is that of its copies together, and so is its input gradient.
+    got = gradients(stack, blocks, out, weights * counts.view(-1, 1, 1, 1))
+    want = gradients(reference, blocks, reference(blocks.repeat_interleave(counts.long(), 0)),
+                     weights.repeat_interleave(counts.long(), 0))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-8)
+
+
+def test_wide_adapters_before_a_2x2_layer_run_fused_and_narrow_ones_layer_by_layer():
+    pixel_16x16 = VQVAE(num_layers=2, num_embeddings=16, embedding_dim=8, adapter_layer=True, pixelsight_filters=512)
+    vae = VAE(num_layers=4, max_filters=512, latent_dim=8)
+    assert pixel_16x16.encoder.layers[0].out_channels == 128 and pixel_16x16.encoder.pointwise
+    assert vae.encoder.layers[0].out_channels == 32 and not vae.encoder.pointwise
+    x = pixels(batch=2, size=16, dtype=torch.float32)
+    reference = copy.deepcopy(pixel_16x16.encoder)
+    reference.pointwise = False
+    torch.testing.assert_close(pixel_16x16.encoder(x), reference(x), rtol=1e-4, atol=1e-4)
 
 
 def test_pixel_vqvae_encoder_and_decoder_are_pointwise_stacks():
