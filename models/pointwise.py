@@ -13,10 +13,11 @@ x A^T + b. That folding, and mu_x and Sigma_x, are ordinary differentiable ops o
 autograd carries the gradient through the batch statistics; only the wide chunked core,
 (x, A, b, W2, bias2) -> relu(x A^T + b) W2^T + bias2, has a hand-written backward.
 
-The same stack with a 2x2 stride-2 convolution last opens the VAE's and the 16x16 Pixel VQ-VAE's
-encoders (adapter, BatchNorm, ReLU, first downsampling layer), whose hidden activation is the
-widest tensor of either model at full resolution: there the rows are 2x2 patches, and A is four
-copies of the folded adapter on its diagonal.
+The same stack with a 2x2 stride-2 convolution last opens the encoders with an adapter and 2x2
+layers (adapter, BatchNorm, ReLU, first downsampling layer); where the adapter is wide, as in the
+16x16 Pixel VQ-VAE, its hidden activation is the widest tensor of the model (`Encoder` fuses it
+from 128 channels). There the rows are 2x2 patches, and A is four copies of the folded adapter on
+its diagonal.
 """
 import torch
 from torch import Tensor, nn
