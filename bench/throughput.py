@@ -136,8 +136,16 @@ def flops_per_image(model_type, run_config, model, device, batch=8):
 
 
 def peak_memory(device):
+    """Peak bytes of this process: the CUDA allocator's, or the CPU's resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    # Linux's ru_maxrss of a child starts at its parent's peak (it survives fork and exec), and
+    # the parent measured the ceilings with 0.5 GB of copies: VmHWM is this process's own.
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
