@@ -44,7 +44,7 @@ def decode_by_code(decoder: Decoder, quantized: Tensor, indices: Tensor, counts:
     latents = quantized.detach()[one_member_each(code_of_block, len(codes))]
     trace = [] if quantized.requires_grad else None
     decoded = decoder(latents, code_counts, trace)
-    reconstruction = decoded[code_of_block]
+    reconstruction = decoded.index_select(0, code_of_block)
     if trace is None:
         return reconstruction
     return _ThroughToEachLatent.apply(reconstruction, quantized, trace, code_of_block, counts)

@@ -75,7 +75,8 @@ def assemble(blocks: Tensor, inverse: Tensor, batch: int, rows: int, columns: in
     """Blocks [U, C, s, s] -> images [batch, C, rows * s, columns * s] with block inverse[i] at
     block position i; the gradient of each distinct block is the sum over its positions."""
     _, c, side, _ = blocks.shape
-    placed = blocks[inverse].reshape(batch, rows, columns, c, side, side).permute(0, 3, 1, 4, 2, 5)
+    # index_select's backward is an index_add_, twice as fast as indexing's accumulating put.
+    placed = blocks.index_select(0, inverse).reshape(batch, rows, columns, c, side, side).permute(0, 3, 1, 4, 2, 5)
     return placed.reshape(batch, c, rows * side, columns * side)
 
 

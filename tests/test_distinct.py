@@ -83,6 +83,7 @@ def assert_close_to_scale(a: torch.Tensor, b: torch.Tensor, tolerance: float):
     (0, True, 64),  # the per-pixel Pixel VQ-VAE, on its fused 1x1 path
     (1, True, 64),
     (2, False, 0),  # the plain VQ-VAE
+    (2, True, 512),  # the 16x16 Pixel VQ-VAE's widths: its front runs fused (models/pointwise.py)
 ])
 def test_training_on_distinct_blocks_matches_training_on_the_whole_batch(num_layers, adapter_layer,
                                                                         pixelsight_filters):
