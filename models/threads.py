@@ -1,4 +1,5 @@
-"""Cache-sized chunks of rows, worked through on torch's threads, for the memory-bound CPU paths."""
+"""Cache-sized chunks of rows, worked through on torch's threads, for the memory-bound CPU paths;
+and whether the CPU has the bfloat16 instructions those paths would need for bf16."""
 import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
