@@ -13,6 +13,7 @@ KMEANS_SAMPLES = 16384  # latents k-means sees; enough to place the codes, cheap
 KMEANS_ITERATIONS = 10
 # Distances computed per block of rows: 4 MiB measured 2x faster than one matrix at 256 and 1024 codes.
 DISTANCE_BYTES_PER_CHUNK = 4 * 2**20
+ARGMIN_GROUP = 32  # codes per group in `first_argmin`: 8 and 16 measured slower than argmin itself
 
 
 class QuantizerOutput(NamedTuple):
@@ -34,8 +35,23 @@ def nearest_code(x: Tensor, codebook: Tensor) -> Tensor:
     block_rows = max(64, DISTANCE_BYTES_PER_CHUNK // (len(codebook) * x.dtype.itemsize))
     for start, stop in row_chunks(len(x), block_rows):
         distances = torch.addmm(norms, x[start:stop], codebook_t, alpha=-2)
-        torch.argmin(distances, 1, out=indices[start:stop])
+        indices[start:stop] = first_argmin(distances)
     return indices
+
+
+def first_argmin(distances: Tensor) -> Tensor:
+    """distances.argmin(1), the first of equal minima included, found group by group of codes.
+
+    torch's argmin walks a row one value at a time; `amin` over groups of 32 codes is vectorised,
+    and the argmins left are over a row's group minima, then over the 32 codes of its first
+    minimal group: [4,096 x 256] in 0.28 ms instead of 0.39 on a 2-core Zen 5. NaN is a minimum
+    for both, as it is for argmin."""
+    rows, codes = distances.shape
+    if codes % ARGMIN_GROUP or codes == ARGMIN_GROUP:
+        return distances.argmin(1)
+    groups = distances.view(rows, codes // ARGMIN_GROUP, ARGMIN_GROUP)
+    group = groups.amin(2).argmin(1)
+    return group * ARGMIN_GROUP + groups[torch.arange(rows, device=distances.device), group].argmin(1)
 
 
 def kmeans(x: Tensor, k: int, iterations: int = KMEANS_ITERATIONS) -> Tensor:

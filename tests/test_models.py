@@ -393,6 +393,30 @@ def test_nearest_code_in_cache_sized_blocks_on_two_threads_equals_the_whole_dist
     assert torch.equal(found, expected)
 
 
+@pytest.mark.parametrize("codes", [64, 256, 1024, 300])
+def test_first_argmin_by_groups_picks_what_argmin_picks_ties_and_nan_included(codes):
+    torch.manual_seed(0)
+    distances = torch.randn(500, codes)
+    # Equal minima in two groups and within one group, as duplicated codes give; NaN, as argmin
+    # takes for a minimum.
+    distances[0, [codes - 1, 40, 3]] = distances[1, [7, 5]] = -100.0
+    distances[2, [codes // 2, 9]] = float("nan")
+    distances[3] = 0.0
+    found = quantizer_module.first_argmin(distances)
+    assert torch.equal(found, distances.argmin(1))
+    assert found[:4].tolist() == [3, 5, 9, 0]
+
+
+def test_nearest_code_of_a_256_code_codebook_is_the_exact_nearest_one():
+    torch.manual_seed(0)
+    x, codebook = torch.randn(5000, 32), torch.randn(256, 32)
+    codebook[200] = codebook[10]  # a restarted code can duplicate another: the first one wins
+    x[:3] = codebook[10]
+    expected = (x.unsqueeze(1) - codebook).square().sum(2).argmin(1)
+    found = nearest_code(x, codebook)
+    assert torch.equal(found, expected) and found[:3].tolist() == [10, 10, 10]
+
+
 @pytest.mark.parametrize("num_layers", [0, 2])
 def test_reconstructions_stay_float32_under_a_bfloat16_autocast(num_layers):
     # bfloat16 steps of 1/256 near 1 could not land on every one of the 255 levels of a colour.
