@@ -112,6 +112,10 @@ def run_epoch(model, model_type, sprites, config, device, epoch, optimizer=None,
             # Only in evaluation can a rank's share be empty (see batch_shares); it then waits.
             if len(index):
                 x = to_batch(sprites.images[index], device)
+                if training:
+                    # Before the forward pass, so the last step's gradients are not held beside
+                    # this step's activations (the VAE's are 31 MB).
+                    optimizer.zero_grad(set_to_none=True)
                 with training_precision(config, device, training):
                     if training and model_type == "vae":
                         output = model(x, noise=vae_noise(size, config, device)[start:start + len(x)])
@@ -119,7 +123,6 @@ def run_epoch(model, model_type, sprites, config, device, epoch, optimizer=None,
                         output = model(x)
                     terms = loss_terms(model_type, output, x, config)
                 if training:
-                    optimizer.zero_grad(set_to_none=True)
                     # Ranks average their gradients: weighted by its share, each rank's batch mean
                     # makes the mean over the global batch even when the shares are unequal.
                     (terms["loss"] * (len(x) * world_size() / size)).backward()
