@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -88,14 +87,15 @@ def splits(image_size, train_count, test_count, seed):
     """(train, test) SpriteSets: the prepared Pokemon splits when present, else synthetic sprites."""
     prepared = data.DATA / "pokemon"
     if (prepared / "manifest.json").exists():
-        # Memory-mapped and copied in part, so peak memory is the model's, not the whole split's.
-        train, test = (np.load(prepared / f"{split}_images.npy", mmap_mode="r") for split in ("train", "test"))
-        if train.shape[1] == image_size and len(train) >= train_count and len(test) >= test_count:
+        train_path, test_path = (prepared / f"{split}_images.npy" for split in ("train", "test"))
+        train_shape, test_shape = saved_shape(train_path), saved_shape(test_path)
+        if train_shape[1] == image_size and train_shape[0] >= train_count and test_shape[0] >= test_count:
             # A random sample of the whole split, as training batches are: the split is stored
             # species by species, each sprite beside its flips and rotations, so its first images
             # repeat each other's blocks far more than a training batch does.
-            chosen = np.sort(np.random.default_rng(seed).choice(len(train), train_count, replace=False))
-            return sprite_set(train[chosen]), sprite_set(test[:test_count]), "prepared Pokemon splits"
+            chosen = np.sort(np.random.default_rng(seed).choice(train_shape[0], train_count, replace=False))
+            return (sprite_set(read_rows(train_path, chosen)), sprite_set(read_rows(test_path, range(test_count))),
+                    "prepared Pokemon splits")
     rng = np.random.default_rng(seed)
 
     def synthetic(count):
@@ -108,6 +108,37 @@ def splits(image_size, train_count, test_count, seed):
     return synthetic(train_count), synthetic(test_count), "synthetic palette sprites"
 
 
+def _open_saved(file):
+    """The shape and dtype of the .npy array in `file`, left at its first byte of data."""
+    version = np.lib.format.read_magic(file)
+    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = read_header(file)
+    if fortran_order:
+        raise ValueError(f"{file.name} is saved in Fortran order")
+    return shape, dtype
+
+
+def saved_shape(path):
+    with open(path, "rb") as file:
+        return _open_saved(file)[0]
+
+
+def read_rows(path, rows):
+    """Rows of a saved array, one read each, so peak memory holds the model and not the split.
+
+    Indexing a memory map of the split instead left 330 MB of its pages resident for 256 images
+    of 12 KB: the kernel reads ahead around every row it faults in, and those pages count in the
+    process's peak."""
+    with open(path, "rb") as file:
+        shape, dtype = _open_saved(file)
+        start, row_bytes = file.tell(), int(np.prod(shape[1:])) * dtype.itemsize
+        out = np.empty((len(rows), *shape[1:]), dtype)
+        for i, row in enumerate(rows):
+            file.seek(start + int(row) * row_bytes)
+            file.readinto(memoryview(out[i]).cast("B"))
+        return out
+
+
 def sprite_set(images):
     images = np.array(images)
     return data.SpriteSet(images, np.ones(images.shape[:3], bool), [f"{i}.png" for i in range(len(images))])
@@ -118,6 +149,9 @@ def flops_per_image(model_type, run_config, model, device, batch=8):
 
     These are the model's FLOPs: the fused CPU path does somewhat more work (it recomputes its
     hidden layer in backward) and runs it on threads the counter does not see."""
+    # Imported here, after the peak memory is read: a training run never loads it (0.1 GB).
+    from torch.utils.flop_counter import FlopCounterMode
+
     fused = [part for part in (getattr(model, "encoder", None), getattr(model, "decoder", None))
              if getattr(part, "pointwise", False)]
     for part in fused:
