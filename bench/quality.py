@@ -17,6 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.throughput import PIXEL_VQVAE_16X16  # noqa: E402
 from utils.config import parse_config  # noqa: E402
 from utils.io import write_json  # noqa: E402
 
@@ -33,7 +34,7 @@ config = dict(
 # Each configuration of bench/throughput.py as its training script and the keys that differ.
 SCRIPTS = {
     "pixel_vqvae": ("train_pixel_vqvae.py", {}),
-    "pixel_vqvae_16x16": ("train_pixel_vqvae.py", {"num_layers": 2, "num_embeddings": 1024, "embedding_dim": 64}),
+    "pixel_vqvae_16x16": ("train_pixel_vqvae.py", PIXEL_VQVAE_16X16),
     "vqvae": ("train_vqvae.py", {}),
     "vae": ("train_vae.py", {}),
 }

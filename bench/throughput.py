@@ -59,10 +59,11 @@ config = dict(
     worker="",  # internal: 'configuration:precision' measured in this process
 )
 
+# The Pixel VQ-VAE at a 16x16 code grid: the keys that differ from train_pixel_vqvae.py's.
+PIXEL_VQVAE_16X16 = {"num_layers": 2, "num_embeddings": 1024, "embedding_dim": 64}
 CONFIGURATIONS = {
     "pixel_vqvae": ("vqvae", train_pixel_vqvae.config),
-    "pixel_vqvae_16x16": ("vqvae", {**train_pixel_vqvae.config, "num_layers": 2, "num_embeddings": 1024,
-                                    "embedding_dim": 64}),
+    "pixel_vqvae_16x16": ("vqvae", {**train_pixel_vqvae.config, **PIXEL_VQVAE_16X16}),
     "vqvae": ("vqvae", train_vqvae.config),
     "vae": ("vae", train_vae.config),
 }
