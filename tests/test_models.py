@@ -158,6 +158,23 @@ def test_straight_through_gradient_reaches_the_encoder():
     assert first_conv.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_quantized_latents_are_the_codes_and_pass_the_gradient_straight_through(training):
+    quantizer = VectorQuantizerEMA(8, 4, commitment_cost=0.25, dead_code_threshold=0.5).train(training)
+    codebook = quantizer.embedding.clone()
+    z_e = torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = quantizer(z_e)
+    # The codes compared, before this step moves the codebook.
+    codes = F.embedding(out.indices, codebook).permute(0, 3, 1, 2)
+    assert torch.equal(out.quantized, codes)
+    assert out.loss.item() == pytest.approx(0.25 * F.mse_loss(z_e, codes).item(), rel=1e-6)
+    upstream = torch.randn_like(codes)
+    ((out.quantized * upstream).sum() + 3 * out.loss).backward()
+    # The upstream gradient unchanged, plus the commitment loss's pull of z_e towards its code.
+    expected = upstream + 3 * 0.25 * 2 * (z_e.detach() - codes) / codes.numel()
+    assert torch.allclose(z_e.grad, expected, rtol=1e-5, atol=1e-7)
+
+
 def test_state_dict_round_trip_gives_identical_outputs():
     model = VQVAE(num_layers=1, num_embeddings=8, embedding_dim=16, adapter_layer=True)
     x = sprites(4)
