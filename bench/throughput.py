@@ -228,8 +228,9 @@ def distinct_share(model, sprites, batch):
     for start in range(0, len(sprites) - batch + 1, batch):
         x = to_batch(sprites.images[start:start + batch], torch.device("cpu"))
         found = distinct_blocks(x, side)
-        distinct = len(x) * (x.shape[2] // side) * (x.shape[3] // side) if found is None else len(found[1].counts)
-        shares.append(distinct / (len(x) * (x.shape[2] // side) * (x.shape[3] // side)))
+        blocks = len(x) * (x.shape[2] // side) * (x.shape[3] // side)
+        distinct = blocks if found is None else int((found[1].counts > 0).sum())
+        shares.append(distinct / blocks)
     return statistics.mean(shares)
 
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from .batchnorm import SyncBatchNorm2d
 from .decoder import OUTPUT_MARGIN, Decoder, StretchedSigmoid
-from .distinct import is_2x2_stride_2, one_member_each
+from .distinct import is_2x2_stride_2, one_member_each, padded_length
 from .distributed import summed_over
 
 
@@ -39,9 +39,12 @@ def decode_by_code(decoder: Decoder, quantized: Tensor, indices: Tensor, counts:
     the codes `indices` [U] and passing gradients straight through, block u standing for counts[u]
     copies of itself. Returns reconstructions [U, C, s, s], gradients as the decoder's own."""
     codes, code_of_block = torch.unique(indices, return_inverse=True)
-    code_counts = counts.new_zeros(len(codes)).index_add_(0, code_of_block, counts)
+    # Padded as distinct blocks are (models/distinct.py), the codes in use changing every batch.
+    rows = padded_length(len(codes))
+    code_counts = counts.new_zeros(rows).index_add_(0, code_of_block, counts)
     # The code vectors as quantised, before this step's update of the codebook.
-    latents = quantized.detach()[one_member_each(code_of_block, len(codes))]
+    members = one_member_each(code_of_block, len(codes))
+    latents = quantized.detach()[torch.cat([members, members[:1].expand(rows - len(codes))])]
     trace = [] if quantized.requires_grad else None
     decoded = decoder(latents, code_counts, trace)
     reconstruction = decoded.index_select(0, code_of_block)
@@ -135,7 +138,8 @@ def _latent_gradients_by_jacobian(trace, grad, code_of_block, counts, codes):
     through_summed = _latent_gradients_per_block(trace, summed, torch.arange(codes, device=grad.device),
                                                  code_counts).reshape(codes, -1)
     linear_part = torch.einsum("kj,kjd->kd", summed.reshape(codes, outputs), jacobians)
-    statistics_terms = (linear_part - through_summed) / code_counts.unsqueeze(1)
+    # A code of padding blocks alone counts 0 times, and its terms are 0 (models/distinct.py).
+    statistics_terms = (linear_part - through_summed) / code_counts.clamp(min=1).unsqueeze(1)
     # Each block's row of factors (g_u, -counts[u]) times its code's stacked maps, one factor at a time.
     maps = torch.cat([jacobians, statistics_terms.unsqueeze(1)], 1).transpose(0, 1).contiguous()
     factors = torch.cat([grad.reshape(len(grad), outputs).float(), -counts.unsqueeze(1)], 1)

@@ -7,7 +7,7 @@ import torch
 from models import VQVAE
 from models import distinct as distinct_module
 from models.batchnorm import normalize_by_batch
-from models.distinct import assemble, block_rows, distinct_blocks
+from models.distinct import PADDING_STEPS, assemble, block_rows, distinct_blocks, padded_length
 
 
 def palette_batch(n=8, size=16, colours=40, seed=1):
@@ -26,11 +26,24 @@ def test_distinct_blocks_put_back_in_place_give_the_batch_bit_for_bit(side):
     x = palette_batch()
     blocks, repeats = distinct_blocks(x, side)
     rows = block_rows(x, side)
-    assert len(blocks) == len(torch.unique(rows, dim=0)) < len(rows)
+    distinct = len(torch.unique(rows, dim=0))
+    assert distinct < len(rows) and len(blocks) == padded_length(distinct)
     assert repeats.counts.sum().item() == len(rows)
-    assert torch.equal(repeats.counts, torch.bincount(repeats.inverse).float())
+    assert torch.equal(repeats.counts, torch.bincount(repeats.inverse, minlength=len(blocks)).float())
+    assert (repeats.counts[:distinct] > 0).all()
     grid = (len(x), x.shape[2] // side, x.shape[3] // side)
     assert torch.equal(assemble(blocks, repeats.inverse, *grid), x)
+
+
+def test_distinct_blocks_are_padded_to_a_few_lengths_with_copies_that_count_zero_times():
+    lengths = [padded_length(n) for n in range(1, 5000)]
+    assert all(n <= padded <= n * (1 + 1 / PADDING_STEPS) for n, padded in zip(range(1, 5000), lengths))
+    # 2,049 to 4,096 distinct blocks make PADDING_STEPS lengths, not 2,048.
+    assert len(set(lengths[2048:4096])) == PADDING_STEPS
+    x = palette_batch()
+    blocks, repeats = distinct_blocks(x, 1)
+    padding = repeats.counts == 0
+    assert padding.any() and torch.equal(blocks[padding], blocks[:1].expand_as(blocks[padding]))
 
 
 def test_a_hash_collision_falls_back_to_comparing_whole_blocks(monkeypatch):
@@ -39,7 +52,7 @@ def test_a_hash_collision_falls_back_to_comparing_whole_blocks(monkeypatch):
                         lambda length, device: torch.zeros(length, dtype=torch.long, device=device))
     x = palette_batch()
     blocks, repeats = distinct_blocks(x, 2)
-    assert len(blocks) == len(torch.unique(block_rows(x, 2), dim=0))
+    assert int((repeats.counts > 0).sum()) == len(torch.unique(block_rows(x, 2), dim=0))
     assert torch.equal(assemble(blocks, repeats.inverse, len(x), 8, 8), x)
 
 
