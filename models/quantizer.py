@@ -74,6 +74,7 @@ class _StraightThrough(torch.autograd.Function):
             size, loss = counts.sum() * diff[0].numel(), counts @ squares.sum([1, 2, 3])
         ctx.save_for_backward(diff, counts)
         ctx.factor = commitment_cost / size
+        # A new tensor: an input returned as it is comes out as a view of that input.
         return codes.clone(), ctx.factor * loss
 
     @staticmethod
