@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import kernels
 from .distributed import is_distributed, summed_over
 
 
@@ -128,6 +129,67 @@ class _NormalizeByBatch(torch.autograd.Function):
         grad_weight = sum_g_xhat if weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = sum_g if ctx.needs_input_grad[2] else None
         return grad_x.to(grad_out.dtype), grad_weight, grad_bias, None, None, None
+
+
+class _BatchNormReLU(torch.autograd.Function):
+    """relu(BatchNorm in training mode) of a channels-last float32 x, by the CPU kernels: three
+    passes over x forward and two back, where torch's BatchNorm and in-place ReLU take more."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        rows = _rows(x)
+        out, mean, variance, scale, shift = torch.ops.pixel_vqvae.batch_norm_relu(rows, weight, bias, eps)
+        ctx.save_for_backward(rows, mean, variance, scale, shift, weight)
+        ctx.eps, ctx.shape = eps, x.shape
+        ctx.mark_non_differentiable(mean, variance)
+        b, c, h, w = x.shape
+        return out.view(b, h, w, c).permute(0, 3, 1, 2), mean, variance
+
+    @staticmethod
+    def backward(ctx, grad_out, *_):
+        rows, mean, variance, scale, shift, weight = ctx.saved_tensors
+        g = _rows(grad_out.contiguous(memory_format=torch.channels_last))
+        grad_x, grad_weight, grad_bias = torch.ops.pixel_vqvae.batch_norm_relu_backward(
+            g, rows, mean, variance, scale, shift, weight, ctx.eps)
+        b, c, h, w = ctx.shape
+        return grad_x.view(b, h, w, c).permute(0, 3, 1, 2), grad_weight, grad_bias, None
+
+
+# Where `_BatchNormReLU` measured faster than torch's BatchNorm and ReLU, forward and backward on a
+# 2-core Zen 5, batch 64: activations of 4,096 rows or more and 8 MiB or less. [64, 16, 32, 32]
+# 0.67 vs 0.81 ms, [64, 128, 16, 16] 1.34 vs 1.48, [64, 256, 8, 8] 0.43 vs 0.58; slower: the VAE's
+# [64, 512, 4, 4] (1,024 rows) 0.49 vs 0.31, and its larger [64, 64, 32, 32] (16 MiB) 3.98 vs 3.42
+# and [64, 32, 64, 64] 8.75 vs 7.34.
+FUSED_MIN_ROWS = 4096
+FUSED_MAX_BYTES = 8 * 2**20
+
+
+def runs_fused_with_relu(bn: nn.Module, after: nn.Module, x: Tensor) -> bool:
+    """Whether `bn` then `after` on x run as one `_BatchNormReLU`: a training-mode affine
+    BatchNorm over this process's batch alone, a ReLU after it, channels-last float32 x on the CPU
+    whose channels are a multiple of the kernels' vector width, of a size where it pays."""
+    plain = type(bn) is nn.BatchNorm2d or (type(bn) is SyncBatchNorm2d and bn.statistics_group() is None)
+    return (plain and bn.training and bn.affine and bn.track_running_stats and type(after) is nn.ReLU
+            and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
+            and x.shape[0] * x.shape[2] * x.shape[3] >= FUSED_MIN_ROWS
+            and x.numel() * x.element_size() <= FUSED_MAX_BYTES
+            and x.shape[1] % kernels.LANES == 0 and x.is_contiguous(memory_format=torch.channels_last)
+            and kernels.available())
+
+
+def run_fusing_batch_norm_relu(layers: nn.Sequential, x: Tensor) -> Tensor:
+    """layers(x), each BatchNorm and the ReLU after it as one `_BatchNormReLU` where they can be."""
+    i = 0
+    while i < len(layers):
+        if i + 1 < len(layers) and isinstance(layers[i], nn.BatchNorm2d) and runs_fused_with_relu(layers[i], layers[i + 1], x):
+            bn = layers[i]
+            x, mean, variance = _BatchNormReLU.apply(x, bn.weight, bn.bias, bn.eps)
+            update_running_statistics(bn, mean, variance, x.shape[0] * x.shape[2] * x.shape[3])
+            i += 2
+        else:
+            x = layers[i](x)
+            i += 1
+    return x
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .batchnorm import SyncBatchNorm2d, normalize_by_batch
+from .batchnorm import SyncBatchNorm2d, normalize_by_batch, run_fusing_batch_norm_relu
 
 # Above this share of distinct blocks, gathering them costs more than the repeats save.
 MAX_DISTINCT_SHARE = 0.9
@@ -194,7 +194,7 @@ def run_layers(layers: nn.Sequential, x: Tensor, counts: Tensor | None, trace: l
     `trace`, a list, receives (layer, input, output, batch statistics or None) of each layer, for
     a backward pass of its own (models/codes.py); an in-place layer's input is its output."""
     if counts is None:
-        return layers(x)
+        return run_fusing_batch_norm_relu(layers, x)
     for layer in layers:
         given, statistics = x, []
         if isinstance(layer, nn.BatchNorm2d) and (layer.training or layer.running_mean is None):

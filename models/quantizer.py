@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .distinct import Repeats
 from .distributed import all_gather_rows, all_reduce_sum, broadcast_from_first_rank
 from .threads import row_chunks
@@ -29,6 +30,9 @@ def nearest_code(x: Tensor, codebook: Tensor) -> Tensor:
     norms, codebook_t = codebook.square().sum(1), codebook.t()
     if x.device.type != "cpu":
         return torch.addmm(norms, x, codebook_t, alpha=-2).argmin(1)
+    if (x.dtype == codebook.dtype == torch.float32 and len(codebook) % kernels.LANES == 0
+            and kernels.available()):
+        return kernels.nearest_code(x, codebook, norms)
     # On the CPU the whole [rows, codes] matrix (256 MiB for a batch of the per-pixel model)
     # would be written out and read back for the argmin; cache-sized blocks of it are not. Each
     # block's ops run on torch's own threads: a Python thread per core, as models/threads.py
