@@ -9,6 +9,7 @@ PIXEL_VQVAE_KERNELS=0 is set, `available()` is False, with one warning, and call
 """
 import functools
 import os
+import shutil
 import threading
 import warnings
 from pathlib import Path
@@ -26,12 +27,24 @@ ISA_FLAGS = {
 _lock = threading.Lock()
 
 
+def _put_ninja_on_path() -> None:
+    """torch runs `ninja` from PATH; the one requirements.txt installs lies beside the virtual
+    environment's Python, off PATH when the scripts run as `.venv/bin/python train_*.py`."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 @functools.cache
 def _build() -> bool:
     if os.environ.get("PIXEL_VQVAE_KERNELS", "1") == "0":
         return False
     from torch.utils.cpp_extension import load
 
+    _put_ninja_on_path()
     capability = torch.backends.cpu.get_cpu_capability()
     try:
         # -ffp-contract=fast: multiply-adds as one instruction (ISO C++ mode turns that off);

@@ -3,6 +3,7 @@ and their absence leaves torch's ops doing the same work."""
 import copy
 import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -153,3 +154,10 @@ def test_a_vqvae_trains_the_same_with_the_kernels_and_without(monkeypatch):
     assert with_kernels == pytest.approx(torch_only, rel=1e-4)
     for (name, got), (_, want) in zip(model.state_dict().items(), without.state_dict().items()):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_the_ninja_requirements_txt_installs_is_found_off_path(monkeypatch):
+    import ninja  # a requirement (requirements.txt)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    kernels._put_ninja_on_path()
+    assert shutil.which("ninja") == str(Path(ninja.BIN_DIR) / "ninja")
