@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import train_pixel_vqvae  # noqa: E402
 import train_vae  # noqa: E402
 import train_vqvae  # noqa: E402
-from models import build_model  # noqa: E402
+from models import build_model, kernels  # noqa: E402
 from models.distinct import distinct_blocks  # noqa: E402
 from models.threads import cpu_has_bfloat16  # noqa: E402
 from utils import data  # noqa: E402
@@ -149,7 +149,8 @@ def flops_per_image(model_type, run_config, model, device, batch=8):
     """Forward and backward FLOPs of one image, counted op by op on the layer-by-layer path.
 
     These are the model's FLOPs: the fused CPU path does somewhat more work (it recomputes its
-    hidden layer in backward) and runs it on threads the counter does not see."""
+    hidden layer in backward) and runs it on threads the counter does not see, and the counter
+    does not see inside the CPU kernels (models/kernels.py), so torch's ops stand in for them."""
     # Imported here, after the peak memory is read: a training run never loads it (0.1 GB).
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -161,9 +162,14 @@ def flops_per_image(model_type, run_config, model, device, batch=8):
     model.train()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the counter sees only this thread; the quantiser's CPU blocks use others
-    with FlopCounterMode(display=False) as counter:
-        loss_terms(model_type, model(x), x, run_config)["loss"].backward()
-    torch.set_num_threads(threads)
+    available = kernels.available
+    kernels.available = lambda: False
+    try:
+        with FlopCounterMode(display=False) as counter:
+            loss_terms(model_type, model(x), x, run_config)["loss"].backward()
+    finally:
+        kernels.available = available
+        torch.set_num_threads(threads)
     model.zero_grad(set_to_none=True)
     for part in fused:
         part.pointwise = True
@@ -218,7 +224,8 @@ def measure(name, precision, cfg):
             "images_per_second_min": min(rates), "images_per_second_max": max(rates),
             "flops_per_image": flops_per_image(model_type, run_config, model, device),
             "peak_memory_bytes": train_peak, "eval_images": len(full_test), "eval_images_per_second": eval_rate,
-            "distinct_block_share": distinct_share(model, train, batch) if model_type == "vqvae" else None}
+            "distinct_block_share": distinct_share(model, train, batch) if model_type == "vqvae" else None,
+            "cpu_kernels": device.type == "cpu" and kernels.available()}
 
 
 def distinct_share(model, sprites, batch):
@@ -313,8 +320,9 @@ def main(argv):
     ceilings = {f"{device}:{p}_matmul_flops": matmul_rate(device, DTYPES[p]) for p in precisions}
     ceilings[f"{device}:copy_bytes_per_second"] = copy_bandwidth(device)
     rates = ", ".join(f"{ceilings[f'{device}:{p}_matmul_flops'] / 1e9:.0f} GFLOP/s {p}" for p in precisions)
+    kernels_used = "" if device.type != "cpu" else "; CPU kernels " + ("on" if kernels.available() else "off (torch's ops)")
     print(f"{device} ({machine(device)}), {torch.get_num_threads()} threads: matrix multiply {rates}; copy "
-          f"{ceilings[f'{device}:copy_bytes_per_second'] / 1e9:.1f} GB/s (read + write)", flush=True)
+          f"{ceilings[f'{device}:copy_bytes_per_second'] / 1e9:.1f} GB/s (read + write){kernels_used}", flush=True)
     passed = [f"--{key}={cfg[key]}" for key in ("batch_size", "steps", "repeats", "warmup_steps", "threads",
                                                  "device", "distinct_blocks", "compile")]
     results = []
