@@ -4,8 +4,9 @@ disk, for what torch's own ops do in several passes over memory.
 The quantiser's nearest code is one: torch writes every distance of a block of latents out
 (`addmm`) and reads them back for a one-value-at-a-time `argmin`; the kernel keeps each block of
 distances in registers. BatchNorm in training mode and the ReLU after it are another
-(models/batchnorm.py: `_BatchNormReLU`). Where the kernels cannot be built (no C++ compiler) or
-PIXEL_VQVAE_KERNELS=0 is set, `available()` is False, with one warning, and callers use torch ops.
+(models/batchnorm.py: `_BatchNormReLU`). Where the kernels cannot be built (no C++ compiler, no
+ninja), `available()` is False after one warning, and callers use torch's ops;
+PIXEL_VQVAE_KERNELS=0 makes it False without a build.
 """
 import functools
 import os

@@ -17,7 +17,7 @@ from models.quantizer import nearest_code
 CHANNELS_LAST = torch.channels_last
 
 
-def test_kernels_build_wherever_there_is_a_cpp_compiler():
+def test_the_kernels_build_on_this_machine_which_has_a_cpp_compiler():
     assert shutil.which("c++") or shutil.which("g++"), "no C++ compiler: the kernels cannot be built here"
     assert kernels.available()
 
