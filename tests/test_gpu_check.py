@@ -12,12 +12,14 @@ from tests.conftest import ROOT
 
 def gpu_check(*args):
     return subprocess.run([sys.executable, "bench/gpu_check.py", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=1800)
 
 
 def test_the_cpu_rehearsal_runs_every_step_and_writes_them_to_one_json(tmp_path):
     out = tmp_path / "gpu_check.json"
-    done = gpu_check("--device=cpu", "--tiny=True", "--configurations=pixel_vqvae", f"--json={out}")
+    # A budget for a busy machine: this test checks the steps, not the 8 minutes of the CUDA check.
+    done = gpu_check("--device=cpu", "--tiny=True", "--configurations=pixel_vqvae", "--budget_seconds=1500",
+                     f"--json={out}")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["failed"] == []
