@@ -85,7 +85,7 @@ def uses_fast_path(config, device):
     if setting not in FAST_SETTINGS:
         raise UserError(f"fast {config['fast']!r} is not one of auto, True, False")
     wanted = FAST_SETTINGS[setting]
-    return device.type in FAST_BY_DEFAULT if wanted is None else wanted
+    return torch.device(device).type in FAST_BY_DEFAULT if wanted is None else wanted
 
 
 def accelerated(model, config, device):
