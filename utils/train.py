@@ -333,7 +333,9 @@ def load_model(experiment, device, fast=None):
         raise UserError(f"{path} does not hold a model this code can rebuild: {str(err).splitlines()[0]}") from None
     model = model.to(device, memory_format=torch.channels_last).eval()
     setting = saved["config"] if fast is None else {"fast": fast}
-    return accelerated(model, setting, device), saved["model_type"], saved["config"]
+    if saved["model_type"] != "pixelcnn":  # the prior has no fast path
+        model = accelerated(model, setting, device)
+    return model, saved["model_type"], saved["config"]
 
 
 def write_reconstructions(folder, names, images):
