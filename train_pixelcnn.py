@@ -22,6 +22,7 @@ config = dict(
     epochs=20,
     learning_rate=1e-3,
     seed=42,
+    fast="auto",  # the VQ model encodes and decodes on models/fast: True, False, or auto = on the CPU
     device="auto",  # auto = cuda when present, else cpu
     max_train_images=0,  # 0 = all; fewer for quick runs (the same seeded choice as the VQ scripts)
     resume=False,  # continue from <output_dir>/<experiment_name>/checkpoint.pt

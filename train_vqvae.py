@@ -31,6 +31,7 @@ config = dict(
     epochs=25,
     learning_rate=1e-4,
     precision="fp32",  # 'bf16': bfloat16 autocast in training steps; weights, quantiser, evaluation stay float32
+    fast="auto",  # models/fast: True, False, or auto = on the CPU, where it was measured faster
     seed=42,
     device="auto",  # auto = cuda when present, else cpu
     max_train_images=0,  # 0 = all; fewer for quick runs

@@ -20,7 +20,7 @@ from distinct import WARMUP_STEPS, alternate, report  # noqa: E402
 from models import build_model  # noqa: E402
 from utils.config import parse_config  # noqa: E402
 from utils.device import LARGEST_INT, M_MMAP_THRESHOLD, M_TOP_PAD, M_TRIM_THRESHOLD, keep_freed_memory  # noqa: E402
-from utils.train import make_optimizer  # noqa: E402
+from utils.train import accelerated, make_optimizer  # noqa: E402
 
 config = dict(
     configuration="vae",  # a configuration of bench/throughput.py
@@ -57,7 +57,7 @@ def main(argv):
     for name in (KEPT, DEFAULT):
         torch.manual_seed(run_config["seed"])
         model = build_model(model_type, run_config).to(device, memory_format=torch.channels_last).train()
-        copies[name] = (model, make_optimizer(model, run_config, device), [])
+        copies[name] = (accelerated(model, run_config, device), make_optimizer(model, run_config, device), [])
     libc = ctypes.CDLL("libc.so.6")
     alternate(copies, model_type, run_config, train, cfg["batches"], device, lambda name: set_allocator(name, libc))
     set_allocator(KEPT, libc)

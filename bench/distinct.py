@@ -6,7 +6,7 @@
 Copies of one model take their steps alternately on the same real batches in one process, so a
 drift of the machine's speed falls on all alike: the fairer comparison where the difference is
 small. The variants: 'by_code' runs distinct blocks and its decoder once per code in use
-(models/codes.py), 'distinct' runs distinct blocks through the whole model, 'whole' every block.
+(models/fast/codes.py), 'distinct' runs distinct blocks through the whole model, 'whole' every block.
 The first two steps of each are warm-up (the first places the codebook by k-means); the median
 step is reported. Each variant is forced, also where the model would choose otherwise (2x2 layers
 under bf16 run every block).
@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import throughput  # noqa: E402
 from models import build_model  # noqa: E402
+from models.fast import accelerate  # noqa: E402
 from utils.config import parse_config  # noqa: E402
 from utils.device import choose_device  # noqa: E402
 from utils.images import to_batch  # noqa: E402
@@ -55,7 +56,7 @@ def main(argv):
         if variant not in VARIANTS:
             sys.exit(f"error: unknown variant {variant!r}; expected some of {', '.join(VARIANTS)}")
         torch.manual_seed(run_config["seed"])
-        model = build_model(model_type, run_config).to(device, memory_format=torch.channels_last).train()
+        model = accelerate(build_model(model_type, run_config).to(device, memory_format=torch.channels_last), device).train()
         distinct = variant != "whole"
         model.run_distinct_blocks = distinct
         model.decode_by_code = variant == "by_code"

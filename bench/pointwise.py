@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models import VQVAE  # noqa: E402
-from models.pointwise import fused_pointwise, is_pointwise_stack  # noqa: E402
+from models.fast.pointwise import fused_pointwise, is_pointwise_stack  # noqa: E402
 from utils.config import parse_config  # noqa: E402
 from utils.losses import loss_terms  # noqa: E402
 
@@ -87,9 +87,9 @@ def main(argv: list[str]) -> None:
     print(f"{'mode':>8} {'images/s':>9} {'s/step':>7} {'cpu s/step':>10} {'first loss':>11}")
     for mode in cfg["modes"].split(","):
         model = copy.deepcopy(reference)
-        # The fused stacks over every pixel, as this bench has always timed them; distinct pixels
-        # (models/distinct.py) would leave each mode a few dozen palette colours to run.
-        model.run_distinct_blocks = False
+        # The reference model's forward with only its layer stacks swapped: the fused stacks over
+        # every pixel, as this bench has always timed them; distinct pixels (models/fast/distinct.py)
+        # would leave each mode a few dozen palette colours to run.
         torch.manual_seed(cfg["seed"])  # the same k-means placement in every mode
         if mode != "unfused":
             use_fused_stacks(model, cfg["chunk_rows"], bfloat16=mode == "bf16")

@@ -9,7 +9,7 @@ builds the model as its training script does and times the training loop itself 
 batches cut from packed uint8 arrays, forward, loss, backward, optimiser step): one warm-up pass
 (which also places the codebook by k-means), then `repeats` passes of `steps` batches; the median
 pass and the spread are reported. Model FLOPs per image (forward and backward, counted op by op on
-the plain layer-by-layer path over every block) give the effective rate, compared with this
+the reference model of models/, over every block) give the effective rate, compared with this
 machine's matrix-multiply rate measured in the same run; a VQ-VAE runs each distinct block of a
 batch once, so its effective rate can pass the ceiling, and the share of distinct blocks is shown. Evaluation of the full test split is timed per configuration.
 Images are the prepared Pokemon training and test splits when `data/pokemon` exists, otherwise
@@ -32,16 +32,17 @@ sys.path.insert(0, str(ROOT))
 import train_pixel_vqvae  # noqa: E402
 import train_vae  # noqa: E402
 import train_vqvae  # noqa: E402
-from models import build_model, kernels  # noqa: E402
-from models.distinct import distinct_blocks  # noqa: E402
-from models.threads import cpu_has_bfloat16  # noqa: E402
+from models import build_model  # noqa: E402
+from models.fast import kernels  # noqa: E402
+from models.fast.distinct import distinct_blocks  # noqa: E402
+from models.fast.threads import cpu_has_bfloat16  # noqa: E402
 from utils import data  # noqa: E402
 from utils.config import parse_config  # noqa: E402
 from utils.device import choose_device  # noqa: E402
 from utils.images import to_batch  # noqa: E402
 from utils.io import write_json  # noqa: E402
 from utils.losses import loss_terms  # noqa: E402
-from utils.train import make_optimizer, run_epoch  # noqa: E402
+from utils.train import accelerated, make_optimizer, run_epoch  # noqa: E402
 
 config = dict(
     configurations="pixel_vqvae,pixel_vqvae_16x16,vqvae,vae",
@@ -52,7 +53,8 @@ config = dict(
     warmup_steps=2,
     threads=0,  # torch's intra-op threads; 0 = torch's default for this machine
     device="auto",
-    distinct_blocks=True,  # VQ-VAEs run each distinct block once where the model finds it pays (models/distinct.py)
+    fast="auto",  # the training scripts' key: models/fast where 'auto' turns it on (the CPU), True or False
+    distinct_blocks=True,  # on models/fast, VQ-VAEs run each distinct block once where it pays (models/fast/distinct.py)
     compile=False,  # time the model compiled by torch.compile (inductor), compilation in the warm-up
     prepare=False,  # also time `utils.data` preparing the whole set from the fetched source
     json="outputs/bench/throughput.json",
@@ -146,33 +148,24 @@ def sprite_set(images):
 
 
 def flops_per_image(model_type, run_config, model, device, batch=8):
-    """Forward and backward FLOPs of one image, counted op by op on the layer-by-layer path.
+    """Forward and backward FLOPs of one image, counted op by op on the reference model.
 
-    These are the model's FLOPs: the fused CPU path does somewhat more work (it recomputes its
-    hidden layer in backward) and runs it on threads the counter does not see, and the counter
-    does not see inside the CPU kernels (models/kernels.py), so torch's ops stand in for them."""
+    These are the model's FLOPs: the fast path does somewhat more work (the fused stacks recompute
+    their hidden layer in backward) or less (each distinct block once), on threads and in CPU
+    kernels (models/fast/kernels.py) the counter does not see."""
     # Imported here, after the peak memory is read: a training run never loads it (0.1 GB).
     from torch.utils.flop_counter import FlopCounterMode
 
-    fused = [part for part in (getattr(model, "encoder", None), getattr(model, "decoder", None))
-             if getattr(part, "pointwise", False)]
-    for part in fused:
-        part.pointwise = False
     x = torch.rand(batch, 3, run_config["image_size"], run_config["image_size"], device=device)
     model.train()
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the counter sees only this thread; the quantiser's CPU blocks use others
-    available = kernels.available
-    kernels.available = lambda: False
+    torch.set_num_threads(1)  # the counter sees only this thread
     try:
         with FlopCounterMode(display=False) as counter:
             loss_terms(model_type, model(x), x, run_config)["loss"].backward()
     finally:
-        kernels.available = available
         torch.set_num_threads(threads)
     model.zero_grad(set_to_none=True)
-    for part in fused:
-        part.pointwise = True
     return counter.get_total_flops() / batch
 
 
@@ -194,15 +187,17 @@ def measure(name, precision, cfg):
     """One configuration at one precision, in this process."""
     model_type, script_config = CONFIGURATIONS[name]
     device = choose_device(cfg["device"])
-    run_config = {**script_config, "batch_size": cfg["batch_size"], "precision": precision, "epochs": 1}
+    run_config = {**script_config, "batch_size": cfg["batch_size"], "precision": precision, "epochs": 1,
+                  "fast": cfg["fast"]}
     torch.manual_seed(run_config["seed"])
     batch = run_config["batch_size"]
     train, _, source = splits(run_config["image_size"], batch * cfg["steps"], batch, run_config["seed"])
     model = build_model(model_type, run_config).to(device, memory_format=torch.channels_last)
-    if model_type == "vqvae" and not cfg["distinct_blocks"]:
-        model.run_distinct_blocks = False
+    runner = accelerated(model, run_config, device)
+    if runner is not model and model_type == "vqvae" and not cfg["distinct_blocks"]:
+        runner.run_distinct_blocks = False
     optimizer = make_optimizer(model, run_config, device)
-    timed = torch.compile(model) if cfg["compile"] else model
+    timed = torch.compile(runner) if cfg["compile"] else runner
     run_epoch(timed, model_type, train.subset(batch * cfg["warmup_steps"]), run_config, device, 0, optimizer)
     rates = []
     for repeat in range(cfg["repeats"]):
@@ -225,7 +220,7 @@ def measure(name, precision, cfg):
             "flops_per_image": flops_per_image(model_type, run_config, model, device),
             "peak_memory_bytes": train_peak, "eval_images": len(full_test), "eval_images_per_second": eval_rate,
             "distinct_block_share": distinct_share(model, train, batch) if model_type == "vqvae" else None,
-            "cpu_kernels": device.type == "cpu" and kernels.available()}
+            "fast": runner is not model, "cpu_kernels": runner is not model and device.type == "cpu" and kernels.available()}
 
 
 def distinct_share(model, sprites, batch):
@@ -324,7 +319,7 @@ def main(argv):
     print(f"{device} ({machine(device)}), {torch.get_num_threads()} threads: matrix multiply {rates}; copy "
           f"{ceilings[f'{device}:copy_bytes_per_second'] / 1e9:.1f} GB/s (read + write){kernels_used}", flush=True)
     passed = [f"--{key}={cfg[key]}" for key in ("batch_size", "steps", "repeats", "warmup_steps", "threads",
-                                                 "device", "distinct_blocks", "compile")]
+                                                 "device", "fast", "distinct_blocks", "compile")]
     results = []
     for name in cfg["configurations"].split(","):
         if name not in CONFIGURATIONS:

@@ -1,4 +1,6 @@
-"""The paper's models, and `build_model` to make one from a script's config."""
+"""The paper's models in plain PyTorch, and `build_model` to make one from a script's config.
+
+models/fast trains them faster on the CPU, behind `models.fast.accelerate(model, device)`."""
 import inspect
 
 from torch import nn

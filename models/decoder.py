@@ -2,9 +2,7 @@
 import torch
 from torch import Tensor, nn
 
-from .distinct import run_layers
 from .encoder import conv_block, layer_widths
-from .pointwise import fused_pointwise, is_pointwise_stack
 
 
 # A plain sigmoid reaches the 0 and 255 of black and white, the commonest colours of pixel art,
@@ -50,18 +48,10 @@ class Decoder(nn.Module):
             channels = width
         layers.append(StretchedSigmoid())
         self.layers = nn.Sequential(*layers)
-        # Mirrors the encoder's fused path; the output squashing stays a layer of its own.
-        self.pointwise = len(self.layers) == 5 and is_pointwise_stack(self.layers[:4])
 
-    def forward(self, z: Tensor, counts: Tensor | None = None, trace: list | None = None) -> Tensor:
-        """`counts`: z holds distinct blocks standing for counts[u] copies each (models/distinct.py);
-        `trace` then receives each layer's input and output (`run_layers`)."""
-        if self.pointwise and z.device.type == "cpu" and trace is None:
-            conv1, bn, _, conv2, output = self.layers
-            return output(fused_pointwise(z, conv1, bn, conv2, counts=counts))
-        hidden = run_layers(self.layers[:-2], z, counts, trace)
+    def forward(self, z: Tensor) -> Tensor:
+        hidden = self.layers[:-2](z)
         # The last layer in float32 even under a bfloat16 autocast: bfloat16 resolves steps of
         # 1/256 near 1, too coarse to land on the 1/255 steps of the colours it must hit exactly.
         with torch.autocast(z.device.type, enabled=False):
-            return run_layers(self.layers[-2:], hidden.to(torch.promote_types(hidden.dtype, torch.float32)),
-                              counts, trace)
+            return self.layers[-2:](hidden.to(torch.promote_types(hidden.dtype, torch.float32)))

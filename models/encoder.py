@@ -1,15 +1,6 @@
 """The convolutional encoder shared by the VAE and the VQ-VAEs."""
 from torch import Tensor, nn
 
-from .distinct import run_layers
-from .pointwise import fused_pointwise, is_pointwise_stack
-
-
-# The adapter's width from which its stack with a 2x2 layer runs fused: alternating training
-# steps on a 2-core Zen 3 gave 1,305 against 1,476 ms for the 16x16 Pixel VQ-VAE (adapter 128
-# wide), and 547 against 545 for the VAE (32 wide), whose layers are as fast one by one.
-PATCH_FUSION_MIN_WIDTH = 128
-
 
 def layer_widths(num_layers: int, widest_filters: int, adapter_layer: bool) -> list[int]:
     """Filters of each encoder layer, doubling up to `widest_filters` at the last one.
@@ -57,16 +48,6 @@ class Encoder(nn.Module):
             channels = width
         self.layers = nn.Sequential(*layers)
         self.out_channels = out_channels
-        # The adapter, its BatchNorm and ReLU, and the next layer (the Pixel VQ-VAE's all-1x1
-        # encoder, or the first downsampling layer, where the adapter is wide): fused on the CPU,
-        # where they are memory-bound. On a GPU the layer-by-layer path is faster.
-        front = self.layers[:4]
-        self.pointwise = is_pointwise_stack(front) or (
-            is_pointwise_stack(front, patches=True) and front[0].out_channels >= PATCH_FUSION_MIN_WIDTH)
 
-    def forward(self, x: Tensor, counts: Tensor | None = None) -> Tensor:
-        """`counts`: x holds distinct blocks standing for counts[u] copies each (models/distinct.py)."""
-        if self.pointwise and x.device.type == "cpu":
-            conv1, bn, _, conv2 = self.layers[:4]
-            return run_layers(self.layers[4:], fused_pointwise(x, conv1, bn, conv2, counts=counts), counts)
-        return run_layers(self.layers, x, counts)
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)

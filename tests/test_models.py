@@ -164,9 +164,9 @@ def test_quantized_latents_are_the_codes_and_pass_the_gradient_straight_through(
     codebook = quantizer.embedding.clone()
     z_e = torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
     out = quantizer(z_e)
-    # The codes compared, before this step moves the codebook.
+    # The codes compared, before this step moves the codebook; z + (codes - z) rounds to them.
     codes = F.embedding(out.indices, codebook).permute(0, 3, 1, 2)
-    assert torch.equal(out.quantized, codes)
+    assert torch.allclose(out.quantized, codes, rtol=0, atol=1e-6)
     assert out.loss.item() == pytest.approx(0.25 * F.mse_loss(z_e, codes).item(), rel=1e-6)
     upstream = torch.randn_like(codes)
     ((out.quantized * upstream).sum() + 3 * out.loss).backward()
@@ -393,45 +393,6 @@ def test_pixel_vqvae_learns_to_reproduce_sprites_pixel_exactly():
     model.eval()
     with torch.no_grad():
         assert exact_pixel_rate(model(held_out).reconstruction, held_out) > 0.95
-
-
-@pytest.mark.parametrize("inference", [False, True])
-def test_nearest_code_in_cache_sized_blocks_on_two_threads_equals_the_whole_distance_matrix(inference):
-    torch.manual_seed(0)
-    x, codebook = torch.randn(20_000, 8), torch.randn(300, 8)
-    expected = (x.unsqueeze(1) - codebook).square().sum(2).argmin(1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        with torch.inference_mode(inference):
-            found = nearest_code(x, codebook)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(found, expected)
-
-
-@pytest.mark.parametrize("codes", [64, 256, 1024, 300])
-def test_first_argmin_by_groups_picks_what_argmin_picks_ties_and_nan_included(codes):
-    torch.manual_seed(0)
-    distances = torch.randn(500, codes)
-    # Equal minima in two groups and within one group, as duplicated codes give; NaN, as argmin
-    # takes for a minimum.
-    distances[0, [codes - 1, 40, 3]] = distances[1, [7, 5]] = -100.0
-    distances[2, [codes // 2, 9]] = float("nan")
-    distances[3] = 0.0
-    found = quantizer_module.first_argmin(distances)
-    assert torch.equal(found, distances.argmin(1))
-    assert found[:4].tolist() == [3, 5, 9, 0]
-
-
-def test_nearest_code_of_a_256_code_codebook_is_the_exact_nearest_one():
-    torch.manual_seed(0)
-    x, codebook = torch.randn(5000, 32), torch.randn(256, 32)
-    codebook[200] = codebook[10]  # a restarted code can duplicate another: the first one wins
-    x[:3] = codebook[10]
-    expected = (x.unsqueeze(1) - codebook).square().sum(2).argmin(1)
-    found = nearest_code(x, codebook)
-    assert torch.equal(found, expected) and found[:3].tolist() == [10, 10, 10]
 
 
 @pytest.mark.parametrize("num_layers", [0, 2])

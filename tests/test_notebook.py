@@ -7,7 +7,7 @@ import pytest
 from ipykernel.kernelspec import install
 from nbclient import NotebookClient
 
-from tests.test_report import outputs_with, trained_outputs
+from tests.helpers import outputs_with, trained_outputs
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "evaluate.ipynb"

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from models.threads import cpu_has_bfloat16
-from tests.conftest import train
+from models.fast.threads import cpu_has_bfloat16
+from tests.helpers import train
 
 
 def test_a_bfloat16_run_trains_and_differs_from_float32_only_by_rounding(tmp_path, tiny_data):

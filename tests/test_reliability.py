@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import files, refusal, train
+from tests.helpers import files, refusal, train
 from tests.sprites import write_species_folders
 from utils.data import DATA
 

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.conftest import train
+from tests.helpers import outputs_with, trained_outputs
 from utils.errors import UserError
 from utils.plots import save_png
 from utils import report
@@ -14,34 +14,9 @@ from utils.fid import fid
 from utils.report import (FID_FILE, HEADER, PRIOR_HEADER, cached_fid, load_experiments, main, prior_table,
                           reference_dir, report_table, shared_sprites, update_fids, worst_window)
 
-# The tiny VQ-VAE of conftest has a PixelSight stage; off here it is the plain VQ-VAE of the paper.
-SCRIPTS = {"vae": ("train_vae.py",), "vqvae": ("train_vqvae.py", "--pixelsight_filters=0"),
-           "pixel_vqvae": ("train_pixel_vqvae.py",)}
-
-
-def trained_outputs(tmp_path_factory, data_dir):
-    """An outputs folder with one tiny run of each training script, trained once per session
-    however many test modules ask for it."""
-    out = tmp_path_factory.getbasetemp() / "three_models"
-    for name, (script, *extra) in SCRIPTS.items():
-        if not (out / name / "metrics.json").exists():
-            done = train(script, out, data_dir, *extra, name=name)
-            assert done.returncode == 0, done.stderr[-3000:]
-    return out
-
-
 @pytest.fixture(scope="module")
 def outputs(tmp_path_factory, tiny_data):
     return trained_outputs(tmp_path_factory, tiny_data)
-
-
-def outputs_with(tmp_path, outputs, *names):
-    """A fresh outputs folder holding links to some of the trained experiments."""
-    folder = tmp_path / "outputs"
-    folder.mkdir()
-    for name in names:
-        (folder / name).symlink_to(outputs / name, target_is_directory=True)
-    return folder
 
 
 def table_rows(table):

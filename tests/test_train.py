@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import ROOT, TINY, files, refusal, train
+from tests.helpers import ROOT, TINY, files, refusal, train
 
 EVERY_OUTPUT = ["config.json", "model.pt", "checkpoint.pt", "history.json", "losses.png", "samples.gif",
                 "metrics.json", "reconstruction_grid.png", "fusions/pairs.json", "fusions/overview.png"]
@@ -35,7 +35,18 @@ def test_each_script_trains_end_to_end_and_writes_every_output(script, tmp_path,
     for folder in (out / "fusions").glob("*+*"):
         assert sorted(p.name for p in folder.iterdir()) == ["blend.png", "interpolation.gif", "interpolation.png", "swap.png"]
     assert Image.open(out / "samples.gif").n_frames == 2
-    assert json.loads((out / "config.json").read_text())["epochs"] == 2
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["epochs"] == 2 and saved["fast"] == "auto"
+    # On the CPU, "auto" trains on models/fast: no module stops it, and torch's notice of a CUDA
+    # toolkit without a GPU is not shown either.
+    assert "fast path is off" not in done.stderr and "No CUDA runtime" not in done.stderr
+    assert any(line.split() == ["fast", "=", "'auto'"] for line in done.stdout.splitlines())
+
+
+def test_an_unknown_fast_setting_is_refused_in_one_line_before_any_work(tmp_path, tiny_data):
+    line = refusal(train("train_vae.py", tmp_path, tiny_data, "--fast=sometimes"))
+    assert line == "error: fast 'sometimes' is not one of auto, True, False"
+    assert not (tmp_path / "run").exists()
 
 
 def test_saved_reconstructions_are_exactly_what_the_model_outputs(tiny_experiment, tiny_data):

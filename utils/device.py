@@ -18,8 +18,8 @@ def keep_freed_memory() -> bool:
     """Have glibc keep freed memory for the next allocation instead of returning it to the kernel.
 
     Otherwise each large activation is fresh memory mapped for it, and its first write faults in
-    every page: a copy of 88 MB took 43 ms that way and 7 ms in reused memory, on this 2-core
-    machine. The peak memory is the same; what is freed is kept until the process ends.
+    every page, several times slower than a copy into reused memory (bench/README.md). The peak
+    memory is the same; what is freed is kept until the process ends.
     True where it took effect (Linux with glibc)."""
     if not sys.platform.startswith("linux"):
         return False

@@ -37,7 +37,7 @@ GRID_COLUMNS = 8
 def load_vq_model(config, device):
     """The frozen VQ model of `vq_experiment`, in eval mode, and its saved config."""
     folder = ROOT / config["output_dir"] / config["vq_experiment"]
-    model, model_type, vq_config = load_model(folder, device)
+    model, model_type, vq_config = load_model(folder, device, config["fast"])
     if model_type != "vqvae":
         raise UserError(f"vq_experiment {config['vq_experiment']!r} holds a {model_type}, not a VQ model; "
                         "a PixelCNN prior models the code grids of train_vqvae.py or train_pixel_vqvae.py")

@@ -15,13 +15,14 @@ import torch
 from tqdm import tqdm
 
 from models import build_model, model_keys
-from models.distributed import all_reduce_sum
-from models.threads import cpu_has_bfloat16
+from models.collectives import all_reduce_sum
+from models.fast import accelerate
+from models.fast.threads import cpu_has_bfloat16
 from utils import data
 from utils.config import parse_config, print_config, save_config
-from utils.distributed import (agreed, barrier, batch_shares, data_parallel, earliest_over_ranks,
-                               gathered_on_first_rank, is_first_rank, process_device, process_group,
-                               same_buffers_as_first_rank, summed_over_ranks, world_size)
+from utils.data_parallel import (agreed, barrier, batch_shares, data_parallel, earliest_over_ranks,
+                                 gathered_on_first_rank, is_first_rank, process_device, process_group,
+                                 same_buffers_as_first_rank, summed_over_ranks, world_size)
 from utils.errors import UserError
 from utils.fusions import write_fusions
 from utils.io import atomic_path, remove_temp_files, write_json
@@ -73,6 +74,24 @@ def batches(sprites, batch_size, device, order):
 
 
 PRECISIONS = ("fp32", "bf16")
+FAST_SETTINGS = {"auto": None, "true": True, "false": False}
+# Where `fast="auto"` accelerates: the devices the fast path was measured faster on (bench/README.md).
+FAST_BY_DEFAULT = ("cpu",)
+
+
+def uses_fast_path(config, device):
+    """Whether config key `fast` ('auto', True or False) asks for models/fast on `device`."""
+    setting = str(config.get("fast", "auto")).lower()
+    if setting not in FAST_SETTINGS:
+        raise UserError(f"fast {config['fast']!r} is not one of auto, True, False")
+    wanted = FAST_SETTINGS[setting]
+    return torch.device(device).type in FAST_BY_DEFAULT if wanted is None else wanted
+
+
+def accelerated(model, config, device):
+    """`model`, or the module of models/fast that trains it faster where config key `fast` asks:
+    either way the same parameters and buffers."""
+    return accelerate(model, device) if uses_fast_path(config, device) else model
 
 
 def training_precision(config, device, training):
@@ -300,8 +319,9 @@ def write_model_and_history(out, model, config, model_type, history):
         plot_losses(history, out / "losses.png")
 
 
-def load_model(experiment, device):
-    """(model in eval mode, model_type, config) from an experiment folder's model.pt."""
+def load_model(experiment, device, fast=None):
+    """(model in eval mode, model_type, config) from an experiment folder's model.pt; accelerated as
+    `fast` says (the config key), or, when None, as the experiment's config does."""
     path = Path(experiment) / "model.pt"
     if not path.exists():
         raise UserError(f"{path} does not exist; train the experiment first, or name another folder")
@@ -311,7 +331,11 @@ def load_model(experiment, device):
         model.load_state_dict(saved["model"])
     except (KeyError, ValueError, RuntimeError) as err:
         raise UserError(f"{path} does not hold a model this code can rebuild: {str(err).splitlines()[0]}") from None
-    return model.to(device, memory_format=torch.channels_last).eval(), saved["model_type"], saved["config"]
+    model = model.to(device, memory_format=torch.channels_last).eval()
+    setting = saved["config"] if fast is None else {"fast": fast}
+    if saved["model_type"] != "pixelcnn":  # the prior has no fast path
+        model = accelerated(model, setting, device)
+    return model, saved["model_type"], saved["config"]
 
 
 def write_reconstructions(folder, names, images):
@@ -353,8 +377,9 @@ def training_subset(train_set, max_images, seed):
 
 def train(model_type, config, device):
     """Train, evaluate and write every output of one experiment; returns its metrics on rank 0,
-    None on the other ranks (see utils/distributed.py)."""
+    None on the other ranks (see utils/data_parallel.py)."""
     print_config(config)
+    uses_fast_path(config, device)
     if config.get("precision", "fp32") not in PRECISIONS:
         raise UserError(f"precision {config['precision']!r} is not one of {', '.join(PRECISIONS)}")
     if config.get("precision") == "bf16" and device.type == "cpu" and not cpu_has_bfloat16() and is_first_rank():
@@ -379,7 +404,9 @@ def train(model_type, config, device):
         saved = resume_from(resume_path, model, optimizer, config, model_type)
         history, start_epoch = saved["history"], saved["epoch"] + 1
         frames = list(saved["frames"].numpy())
-    trained = data_parallel(model, device, config["sync_batchnorm"])
+    # `runner` holds `model`'s own parameters and buffers: checkpoints and outputs save `model`.
+    runner = accelerated(model, config, device)
+    trained = data_parallel(runner, device, config["sync_batchnorm"])
     if is_first_rank():
         start_output_dir(out, config, resume_path)
 
@@ -389,7 +416,7 @@ def train(model_type, config, device):
         train_terms, _, _ = run_epoch(trained, model_type, train_set, config, device, epoch, optimizer)
         seconds = time.perf_counter() - started
         same_buffers_as_first_rank(model)
-        val_terms, val_codes, _ = run_epoch(model, model_type, val_set, config, device, epoch)
+        val_terms, val_codes, _ = run_epoch(runner, model_type, val_set, config, device, epoch)
         row = {"epoch": epoch + 1, "train_seconds": seconds, "train_images": len(train_set)}
         row.update({f"train_{k}": v for k, v in train_terms.items()})
         row.update({f"val_{k}": v for k, v in val_terms.items()})
@@ -397,14 +424,14 @@ def train(model_type, config, device):
             row.update({f"val_{k}": v for k, v in codebook_stats(val_codes).items()})
         history.append(row)
         if is_first_rank():
-            frames.append(sample_frame(model, val_set, samples, device))
+            frames.append(sample_frame(runner, val_set, samples, device))
             save_checkpoint(checkpoint_path, model, optimizer, epoch, history, config, model_type,
                             frames=torch.from_numpy(np.stack(frames)))
         codes = f" codes {row['val_codes_used']}/{len(val_codes)}" if val_codes is not None else ""
         print(f"epoch {epoch + 1}/{config['epochs']}: train loss {train_terms['loss']:.5f}, "
               f"val loss {val_terms['loss']:.5f}{codes}, {len(train_set) / seconds:.1f} images/s")
 
-    _, test_codes, reconstructions = run_epoch(model, model_type, test_set, config, device,
+    _, test_codes, reconstructions = run_epoch(runner, model_type, test_set, config, device,
                                                config["epochs"], keep_outputs=True)
     if not is_first_rank():
         return None
@@ -445,7 +472,7 @@ def run_experiment(model_type, defaults, argv):
         except UserError as err:
             if is_first_rank():
                 print(f"error: {err}", file=sys.stderr)
-            # Every rank meets a mistake at the same point (see utils.distributed.agreed); the others
+            # Every rank meets a mistake at the same point (see utils.data_parallel.agreed); the others
             # wait for rank 0 to say it, for torchrun stops all processes once one has ended.
             barrier()
             sys.exit(2)

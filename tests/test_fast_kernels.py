@@ -1,5 +1,5 @@
-"""Specifications of the CPU kernels (models/kernels.cpp): they build here, agree with torch's ops,
-and their absence leaves torch's ops doing the same work."""
+"""Specifications of the CPU kernels (models/fast/kernels.cpp): they build where a C++ compiler is,
+agree with torch's ops, and their absence leaves torch's ops doing the same work."""
 import copy
 import shutil
 import warnings
@@ -9,16 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from models import VQVAE, kernels
-from models import batchnorm as batchnorm_module
-from models.batchnorm import run_fusing_batch_norm_relu, runs_fused_with_relu
-from models.quantizer import nearest_code
+from models.fast import kernels
+from models.fast.batchnorm import run_fusing_batch_norm_relu, runs_fused_with_relu
+from models.fast.quantizer import nearest_code
+from tests.helpers import bn_relu_stack, counting_fused_calls, kernel_vqvae, needs_compiler, seeded_run
 
 CHANNELS_LAST = torch.channels_last
 
 
-def test_the_kernels_build_on_this_machine_which_has_a_cpp_compiler():
-    assert shutil.which("c++") or shutil.which("g++"), "no C++ compiler: the kernels cannot be built here"
+@needs_compiler
+def test_the_kernels_build_where_there_is_a_cpp_compiler():
     assert kernels.available()
 
 
@@ -31,6 +31,7 @@ def test_a_failed_build_warns_once_and_leaves_torch_ops_in_charge(monkeypatch):
         assert kernels._build.__wrapped__() is False
 
 
+@needs_compiler
 @pytest.mark.parametrize("rows, codes, dim", [(5000, 256, 32), (999, 1024, 64), (1001, 16, 3), (77, 48, 5)])
 def test_the_kernels_nearest_code_is_the_exact_nearest_one_the_first_of_duplicates(rows, codes, dim):
     torch.manual_seed(0)
@@ -42,6 +43,7 @@ def test_the_kernels_nearest_code_is_the_exact_nearest_one_the_first_of_duplicat
     assert torch.equal(found, expected) and found[:3].tolist() == [3, 3, 3]
 
 
+@needs_compiler
 def test_the_kernels_nearest_code_takes_nan_for_a_minimum_as_argmin_does():
     torch.manual_seed(0)
     x, codebook = torch.randn(20, 8), torch.randn(32, 8)
@@ -67,14 +69,6 @@ def test_nearest_code_is_the_same_on_one_thread_and_two():
     assert torch.equal(one, two)
 
 
-def bn_relu_stack(channels):
-    stack = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True), nn.Conv2d(channels, channels, 1))
-    with torch.no_grad():
-        stack[0].weight.uniform_(0.5, 1.5)
-        stack[0].bias.uniform_(-0.5, 0.5)
-    return stack.to(memory_format=CHANNELS_LAST).train()
-
-
 def assert_near(got, torchs, want, name=""):
     """got no further from float64 `want` than torch's own float32 result, or than 1e-4 of the
     size of the quantity's largest values."""
@@ -83,6 +77,7 @@ def assert_near(got, torchs, want, name=""):
     assert error <= allowed, f"{name}: off by {error:.3g}, allowed {allowed:.3g}"
 
 
+@needs_compiler
 @pytest.mark.parametrize("channels, shape, mean, spread", [(16, (32, 16, 16, 16), 0.0, 1.0), (64, (16, 64, 16, 16), 5.0, 3.0),
                                                            (32, (16, 32, 16, 16), 1000.0, 0.01)])
 def test_fused_batchnorm_relu_trains_as_batchnorm_then_relu_do_in_float64(channels, shape, mean, spread):
@@ -108,7 +103,8 @@ def test_fused_batchnorm_relu_trains_as_batchnorm_then_relu_do_in_float64(channe
         assert_near(got, mine, want, name)
 
 
-def test_batchnorm_relu_is_fused_only_in_training_on_float32_channels_last_multiples_of_16_where_it_pays():
+@needs_compiler
+def test_batchnorm_relu_is_fused_only_in_training_on_float32_channels_last_multiples_of_16():
     stack = bn_relu_stack(16)
     x = torch.randn(16, 16, 16, 16).to(memory_format=CHANNELS_LAST)
     bn, relu = stack[0], stack[1]
@@ -117,40 +113,20 @@ def test_batchnorm_relu_is_fused_only_in_training_on_float32_channels_last_multi
     assert not runs_fused_with_relu(bn, relu, x.bfloat16())
     assert not runs_fused_with_relu(bn, nn.Identity(), x)
     assert not runs_fused_with_relu(bn_relu_stack(3)[0], relu, torch.randn(16, 3, 16, 16).to(memory_format=CHANNELS_LAST))
-    assert not runs_fused_with_relu(bn, relu, x[:8])  # 2,048 rows
-    wide = torch.randn(64, 64, 32, 32).to(memory_format=CHANNELS_LAST)  # 16 MiB
-    assert not runs_fused_with_relu(bn_relu_stack(64)[0], relu, wide)
     assert not runs_fused_with_relu(bn.eval(), relu, x)
 
 
-def train_steps(model, images, steps=3):
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        out = model(images)
-        loss = (out.reconstruction - images).square().mean() + out.vq_loss
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
-
-
+@needs_compiler
 def test_a_vqvae_trains_the_same_with_the_kernels_and_without(monkeypatch):
-    torch.manual_seed(0)
-    model = VQVAE(num_layers=2, num_embeddings=32, embedding_dim=32).to(memory_format=CHANNELS_LAST)
-    model.run_distinct_blocks = False
-    images = torch.rand(16, 3, 64, 64).to(memory_format=CHANNELS_LAST)
+    model, images = kernel_vqvae()
     without = copy.deepcopy(model)
-    fused_calls = []
-    apply = batchnorm_module._BatchNormReLU.apply
-    monkeypatch.setattr(batchnorm_module._BatchNormReLU, "apply", lambda *a: fused_calls.append(1) or apply(*a))
-    with_kernels = train_steps(model, images)
-    assert len(fused_calls) == 3 * 2  # the encoder's and the decoder's BatchNorm, every step
+    fused_calls = counting_fused_calls(monkeypatch)
+    with_kernels, _ = seeded_run(model, images)
+    assert fused_calls
     monkeypatch.setattr(kernels, "available", lambda: False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        torch_only = train_steps(without, images)
+        torch_only, _ = seeded_run(without, images)
     assert with_kernels == pytest.approx(torch_only, rel=1e-4)
     for (name, got), (_, want) in zip(model.state_dict().items(), without.state_dict().items()):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5, msg=name)

@@ -1,5 +1,5 @@
 // CPU kernels for what torch's own ops do in several passes over memory; built on first use by
-// models/kernels.py, which falls back to torch ops where they cannot be built.
+// models/fast/kernels.py, which falls back to torch ops where they cannot be built.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -14,9 +14,8 @@
 namespace {
 
 constexpr int LANES = 16;  // float32 lanes of a vector; the compiler splits them for narrower ISAs
-// Rows and 16-code vectors per block of distances, kept in registers. On a 2-core Zen 5, 8 x 2 was
-// the fastest of 4 x 2, 4 x 4, 6 x 2 and 8 x 2 for 1,024 codes of 64 (39.9 ms for 65,536 rows,
-// the others 44.8-68.8), and within 2% of 6 x 2 for 256 codes of 32.
+// Rows and 16-code vectors per block of distances, kept in registers: 8 x 2 measured the fastest
+// of 4 x 2, 4 x 4, 6 x 2 and 8 x 2 (bench/README.md).
 constexpr int ROW_BLOCK = 8;
 constexpr int CODE_VECTORS = 2;
 

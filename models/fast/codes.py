@@ -11,35 +11,18 @@ matrix products alone, a third of the decoder's work per block.
 import torch
 from torch import Tensor, nn
 
-from .batchnorm import SyncBatchNorm2d
-from .decoder import OUTPUT_MARGIN, Decoder, StretchedSigmoid
-from .distinct import is_2x2_stride_2, one_member_each, padded_length
-from .distributed import summed_over
+from ..batchnorm import SyncBatchNorm2d
+from ..collectives import summed_over
+from ..decoder import OUTPUT_MARGIN
+from .distinct import one_member_each, padded_length
 
 
-def _is_conv(layer: nn.Module) -> bool:
-    if type(layer) is nn.Conv2d:
-        return layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.groups == 1
-    return type(layer) is nn.ConvTranspose2d and is_2x2_stride_2(layer) and layer.output_padding == (0, 0)
-
-
-def decodes_by_code(decoder: Decoder) -> bool:
-    """Whether `decode_by_code` can run this decoder: (1x1 or 2x2 transposed convolution, BatchNorm,
-    ReLU) repeated, then such a convolution and the stretched sigmoid, as `Decoder` builds them."""
-    layers = list(decoder.layers)
-    hidden, last = layers[:-2], layers[-2:]
-    triples = [hidden[i:i + 3] for i in range(0, len(hidden), 3)]
-    return (all(len(t) == 3 and _is_conv(t[0]) and isinstance(t[1], nn.BatchNorm2d) and type(t[2]) is nn.ReLU
-                for t in triples)
-            and _is_conv(last[0]) and type(last[1]) is StretchedSigmoid)
-
-
-def decode_by_code(decoder: Decoder, quantized: Tensor, indices: Tensor, counts: Tensor) -> Tensor:
-    """decoder(quantized, counts) for distinct blocks: latents `quantized` [U, D, 1, 1], equal to
+def decode_by_code(decoder: nn.Module, quantized: Tensor, indices: Tensor, counts: Tensor) -> Tensor:
+    """decoder(quantized, counts) of a FastDecoder for distinct blocks: latents `quantized` [U, D, 1, 1], equal to
     the codes `indices` [U] and passing gradients straight through, block u standing for counts[u]
     copies of itself. Returns reconstructions [U, C, s, s], gradients as the decoder's own."""
     codes, code_of_block = torch.unique(indices, return_inverse=True)
-    # Padded as distinct blocks are (models/distinct.py), the codes in use changing every batch.
+    # Padded as distinct blocks are (models/fast/distinct.py), the codes in use changing every batch.
     rows = padded_length(len(codes))
     code_counts = counts.new_zeros(rows).index_add_(0, code_of_block, counts)
     # The code vectors as quantised, before this step's update of the codebook.
@@ -138,7 +121,7 @@ def _latent_gradients_by_jacobian(trace, grad, code_of_block, counts, codes):
     through_summed = _latent_gradients_per_block(trace, summed, torch.arange(codes, device=grad.device),
                                                  code_counts).reshape(codes, -1)
     linear_part = torch.einsum("kj,kjd->kd", summed.reshape(codes, outputs), jacobians)
-    # A code of padding blocks alone counts 0 times, and its terms are 0 (models/distinct.py).
+    # A code of padding blocks alone counts 0 times, and its terms are 0 (models/fast/distinct.py).
     statistics_terms = (linear_part - through_summed) / code_counts.clamp(min=1).unsqueeze(1)
     # Each block's row of factors (g_u, -counts[u]) times its code's stacked maps, one factor at a time.
     maps = torch.cat([jacobians, statistics_terms.unsqueeze(1)], 1).transpose(0, 1).contiguous()

@@ -1,23 +1,24 @@
-"""Specifications of running a VQ-VAE's decoder once per code in use (models/codes.py)."""
+"""Specifications of running a VQ-VAE's decoder once per code in use (models/fast/codes.py)."""
 import copy
 
 import pytest
 import torch
 
-from models import VQVAE, Decoder, codes
-from models.codes import decodes_by_code
-from models.distinct import _NarrowLinear, summed_outer_products
+from models import VQVAE
+from models.fast import accelerate, codes
+from models.fast.distinct import _NarrowLinear, summed_outer_products
+from tests.helpers import assert_close_to_scale, palette_batch
 from utils.losses import ssim
-from tests.test_distinct import assert_close_to_scale, palette_batch
 
 
 def by_code_and_whole(num_layers=2, **keys):
-    """Two copies of one VQ-VAE: the first runs distinct blocks and decodes once per code, the
-    second runs every block of the batch."""
+    """Two copies of one VQ-VAE: the first accelerated, running distinct blocks and decoding once
+    per code; the second the reference model, which runs every block of the batch."""
     torch.manual_seed(0)
-    model = VQVAE(num_layers, 16, 8, **keys).to(memory_format=torch.channels_last)
-    whole = copy.deepcopy(model)
-    model.run_distinct_blocks, whole.run_distinct_blocks = True, False
+    whole = VQVAE(num_layers, 16, 8, **keys).to(memory_format=torch.channels_last)
+    model = accelerate(copy.deepcopy(whole), "cpu")
+    model.run_distinct_blocks = True
+    assert model.decode_by_code
     return model, whole
 
 
@@ -45,9 +46,8 @@ def test_decoding_once_per_code_gives_the_gradients_of_decoding_every_block(keys
     if model.num_layers == 0:
         # The per-pixel decoder sees only a handful of distinct latents, and its BatchNorm's
         # rounding in float32 moves the whole batch's gradients by up to 3% of their scale (more
-        # on its fused path): the reference is the whole batch in float64, layer by layer.
+        # on its fused path): the reference is the whole batch in float64.
         whole.double()
-        whole.encoder.pointwise = whole.decoder.pointwise = False
         x = x.double()
     expected, expected_gradients = step(whole, x)
     assert torch.equal(output.indices, expected.indices)
@@ -81,8 +81,6 @@ def test_decoding_by_code_under_bfloat16_is_as_close_to_float32_as_the_whole_bat
     x = palette_batch()
     for m in (model, whole_bfloat16, reference):
         m.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert model._worth_running_distinct_blocks(x) and model._worth_decoding_by_code()
     output, gradients = step(model, x, bfloat16=True)
     expected, expected_gradients = step(whole_bfloat16, x, bfloat16=True)
     _, exact_gradients = step(reference, x)
@@ -96,14 +94,6 @@ def test_decoding_by_code_under_bfloat16_is_as_close_to_float32_as_the_whole_bat
         errors.append(((gradients[name] - exact).abs().max() / scale).item())
         whole_errors.append(((expected_gradients[name] - exact).abs().max() / scale).item())
     assert sum(errors) <= 1.25 * sum(whole_errors)
-
-
-def test_every_decoder_the_models_build_decodes_by_code():
-    for num_layers, adapter_layer, pixelsight_filters in [(0, True, 64), (1, True, 0), (2, False, 0), (4, True, 512)]:
-        assert decodes_by_code(Decoder(num_layers, 8, adapter_layer, pixelsight_filters))
-    odd = Decoder(2, 8)
-    odd.layers[2] = torch.nn.LeakyReLU()
-    assert not decodes_by_code(odd)
 
 
 def test_narrow_products_sum_to_the_whole_product():

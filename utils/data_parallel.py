@@ -3,7 +3,7 @@
 `python train_x.py` is one process. `torchrun --nproc_per_node=N train_x.py` starts N, which join
 one process group here; each takes a `batch_size` share of every global batch of N * batch_size
 images, DistributedDataParallel averages their gradients, and the models keep their own state in
-step (models/distributed.py). Only rank 0 prints and writes files; the others wait for it.
+step (models/collectives.py). Only rank 0 prints and writes files; the others wait for it.
 """
 import contextlib
 import os
@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from models.batchnorm import convert_sync_batchnorm
-from models.distributed import broadcast_from_first_rank, is_distributed
+from models.collectives import broadcast_from_first_rank, is_distributed
 from utils.device import choose_device
 from utils.errors import UserError
 

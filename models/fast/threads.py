@@ -6,7 +6,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-# Kept for the process: starting threads on every call cost the small VQ-VAE a tenth of its step.
+# Kept for the process: starting threads on every call cost the small VQ-VAE a tenth of its step
+# (bench/README.md).
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 
@@ -53,7 +54,7 @@ def run_on_threads(work, chunks: list[tuple[int, int]], device: torch.device) ->
 @functools.cache
 def cpu_has_bfloat16() -> bool:
     """Whether this CPU has bfloat16 instructions (AVX-512 BF16, AMX) that oneDNN uses. Without
-    them a bfloat16 matrix product falls back to scalar code: 0.25 GFLOP/s against 75 in float32,
-    measured on a 2-core AVX2 machine (AMD EPYC, Zen 3)."""
+    them a bfloat16 matrix product falls back to scalar code, hundreds of times slower than float32
+    (bench/README.md)."""
     supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(supported and torch.backends.mkldnn.is_available() and supported())

@@ -4,11 +4,12 @@ disk, for what torch's own ops do in several passes over memory.
 The quantiser's nearest code is one: torch writes every distance of a block of latents out
 (`addmm`) and reads them back for a one-value-at-a-time `argmin`; the kernel keeps each block of
 distances in registers. BatchNorm in training mode and the ReLU after it are another
-(models/batchnorm.py: `_BatchNormReLU`). Where the kernels cannot be built (no C++ compiler, no
+(models/fast/batchnorm.py: `_BatchNormReLU`). Where the kernels cannot be built (no C++ compiler, no
 ninja), `available()` is False after one warning, and callers use torch's ops;
 PIXEL_VQVAE_KERNELS=0 makes it False without a build.
 """
 import functools
+import logging
 import os
 import shutil
 import threading
@@ -39,10 +40,17 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def _without_cuda_notice(record: logging.LogRecord) -> bool:
+    # torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." as it is
+    # imported on a machine with a CUDA toolkit and no GPU; these kernels are CPU code.
+    return not record.getMessage().startswith("No CUDA runtime is found")
+
+
 @functools.cache
 def _build() -> bool:
     if os.environ.get("PIXEL_VQVAE_KERNELS", "1") == "0":
         return False
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_without_cuda_notice)
     from torch.utils.cpp_extension import load
 
     _put_ninja_on_path()

@@ -14,7 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from .batchnorm import SyncBatchNorm2d, normalize_by_batch, run_fusing_batch_norm_relu
+from ..batchnorm import SyncBatchNorm2d
+from .batchnorm import normalize_by_batch, run_fusing_batch_norm_relu
 
 # Above this share of distinct blocks, gathering them costs more than the repeats save.
 MAX_DISTINCT_SHARE = 0.9
@@ -151,8 +152,8 @@ OUTER_CHUNK_ROWS = 256
 
 
 def summed_outer_products(g: Tensor, x: Tensor) -> Tensor:
-    """g.t() @ x for many rows and a handful of columns on one side: as one product MKL took 88 ms
-    for 150,800 rows of 128 x 3 on this 2-core CPU; as a batch of 256-row products summed, 10 ms."""
+    """g.t() @ x for many rows and a handful of columns on one side, as a batch of 256-row products
+    summed: MKL runs one such tall, thin product several times slower (bench/README.md)."""
     full = len(g) // OUTER_CHUNK_ROWS * OUTER_CHUNK_ROWS
     chunks = full // OUTER_CHUNK_ROWS
     out = (g[:full].reshape(chunks, OUTER_CHUNK_ROWS, g.shape[1]).transpose(1, 2)
@@ -192,7 +193,7 @@ def run_layers(layers: nn.Sequential, x: Tensor, counts: Tensor | None, trace: l
     counts[u] times, and the encoder's and decoder's convolutions run as matrix products.
 
     `trace`, a list, receives (layer, input, output, batch statistics or None) of each layer, for
-    a backward pass of its own (models/codes.py); an in-place layer's input is its output."""
+    a backward pass of its own (models/fast/codes.py); an in-place layer's input is its output."""
     if counts is None:
         return run_fusing_batch_norm_relu(layers, x)
     for layer in layers:

@@ -1,12 +1,13 @@
-"""Specifications of the fused 1x1 stack: it is Conv1x1 -> BatchNorm -> ReLU -> Conv1x1, exactly."""
+"""Specifications of the fused 1x1 stack (models/fast/pointwise.py): it is Conv1x1 -> BatchNorm ->
+ReLU -> Conv1x1, exactly."""
 import copy
 
 import pytest
 import torch
 from torch import nn
 
-from models import VAE, VQVAE
-from models.pointwise import PointwiseCore, fused_pointwise, is_pointwise_stack
+from models import VQVAE
+from models.fast.pointwise import PointwiseCore, fused_pointwise, is_pointwise_stack
 
 
 @pytest.fixture(autouse=True)
@@ -159,9 +160,8 @@ def test_core_gradcheck_with_and_without_an_output_bias():
     assert torch.autograd.gradcheck(lambda *t: PointwiseCore.apply(*t, None, 4, False), (rows, A, b, W2))
 
 
-@pytest.mark.parametrize("training", [True, False])
-def test_float32_matches_float64_to_float32_precision(training):
-    # float64 falls back to addmm + relu; float32 on a CPU runs oneDNN's fused linear + ReLU.
+def float32_against_float64(training=True, bfloat16=False):
+    """The fused 128-wide stack in float32 and its layers in float64: (outputs, gradients) of each."""
     stack = pointwise_stack(hidden=128).train(training)
     x = pixels().requires_grad_()
     weights = torch.randn(4, 8, 8, 8, dtype=torch.float64)
@@ -169,8 +169,14 @@ def test_float32_matches_float64_to_float32_precision(training):
     expected_out = reference(x)
     expected = gradients(reference, x, expected_out, weights)
     stack, x32 = stack.float(), x.detach().float().requires_grad_()
-    out = fused(stack, x32, chunk_rows=48)
-    actual = gradients(stack, x32, out, weights.float())
+    out = fused(stack, x32, chunk_rows=48, bfloat16=bfloat16)
+    return out, expected_out, gradients(stack, x32, out, weights.float()), expected
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_float32_matches_float64_to_float32_precision(training):
+    # float64 falls back to addmm + relu; float32 on a CPU runs oneDNN's fused linear + ReLU.
+    out, expected_out, actual, expected = float32_against_float64(training)
     assert (out - expected_out).norm() < 1e-5 * expected_out.norm()
     for got, want in zip(actual, expected):
         assert (got - want).norm() < 1e-4 * want.norm()
@@ -179,16 +185,8 @@ def test_float32_matches_float64_to_float32_precision(training):
 def test_bfloat16_core_stays_within_a_few_percent_of_float64():
     # BatchNorm's gradients w.r.t. x and the first layer are differences of nearly equal terms, so
     # bfloat16's 3 significant digits leave a few percent there (float32 layers: about 1e-3).
-    stack = pointwise_stack(hidden=128)
-    x = pixels().requires_grad_()
-    weights = torch.randn(4, 8, 8, 8, dtype=torch.float64)
-    reference = copy.deepcopy(stack)
-    expected_out = reference(x)
-    expected = gradients(reference, x, expected_out, weights)
-    stack, x32 = stack.float(), x.detach().float().requires_grad_()
-    out = fused(stack, x32, chunk_rows=48, bfloat16=True)
+    out, expected_out, actual, expected = float32_against_float64(bfloat16=True)
     assert out.dtype == torch.float32
-    actual = gradients(stack, x32, out, weights.float())
     assert (out - expected_out).norm() < 0.01 * expected_out.norm()
     for got, want in zip(actual, expected):
         assert got.dtype == torch.float32
@@ -212,17 +210,6 @@ def test_blocks_with_counts_give_the_batch_with_every_copy_through_a_patch_stack
                      weights.repeat_interleave(counts.long(), 0))
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-8)
-
-
-def test_wide_adapters_before_a_2x2_layer_run_fused_and_narrow_ones_layer_by_layer():
-    pixel_16x16 = VQVAE(num_layers=2, num_embeddings=16, embedding_dim=8, adapter_layer=True, pixelsight_filters=512)
-    vae = VAE(num_layers=4, max_filters=512, latent_dim=8)
-    assert pixel_16x16.encoder.layers[0].out_channels == 128 and pixel_16x16.encoder.pointwise
-    assert vae.encoder.layers[0].out_channels == 32 and not vae.encoder.pointwise
-    x = pixels(batch=2, size=16, dtype=torch.float32)
-    reference = copy.deepcopy(pixel_16x16.encoder)
-    reference.pointwise = False
-    torch.testing.assert_close(pixel_16x16.encoder(x), reference(x), rtol=1e-4, atol=1e-4)
 
 
 def test_pixel_vqvae_encoder_and_decoder_are_pointwise_stacks():

@@ -15,20 +15,19 @@ autograd carries the gradient through the batch statistics; only the wide chunke
 
 The same stack with a 2x2 stride-2 convolution last opens the encoders with an adapter and 2x2
 layers (adapter, BatchNorm, ReLU, first downsampling layer); where the adapter is wide, as in the
-16x16 Pixel VQ-VAE, its hidden activation is the widest tensor of the model (`Encoder` fuses it
-from 128 channels). There the rows are 2x2 patches, and A is four copies of the folded adapter on
+16x16 Pixel VQ-VAE, its hidden activation is the widest tensor of the model (`FastEncoder` fuses
+it from 128 channels). There the rows are 2x2 patches, and A is four copies of the folded adapter on
 its diagonal.
 """
 import torch
 from torch import Tensor, nn
 
-from .batchnorm import SyncBatchNorm2d, update_running_statistics
-from .distributed import summed_over
+from ..batchnorm import SyncBatchNorm2d, update_running_statistics
+from ..collectives import summed_over
 from .threads import cpu_has_bfloat16, row_chunks, run_on_threads
 
-# Bytes of hidden activations per chunk: 1 MiB is one core's L2 cache on the development CPU
-# (Zen 4), 512 rows of 512 fp32 channels. Half and double that measured within a few percent in
-# fp32; bfloat16 gains from the larger chunk this gives it.
+# Bytes of hidden activations per chunk: about one core's L2 cache, 512 rows of 512 fp32 channels
+# (half and double that measured within a few percent: bench/README.md).
 HIDDEN_BYTES_PER_CHUNK = 2**20
 
 

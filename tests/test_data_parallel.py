@@ -21,15 +21,15 @@ import train_vae
 import train_vqvae
 from models import build_model
 from models.batchnorm import convert_sync_batchnorm
-from tests.conftest import ROOT, TINY, train, train_command
+from tests.helpers import ROOT, TINY, train, train_command
 from utils import data
-from utils import distributed as distributed_module
+from utils import data_parallel as data_parallel_module
 from utils.config import parse_config
-from models.distributed import all_gather_rows
-from utils.distributed import agreed, batch_shares, data_parallel
+from models.collectives import all_gather_rows
+from utils.data_parallel import agreed, batch_shares, data_parallel
 from utils.errors import UserError
 from utils.metrics import image_metrics
-from utils.train import run_epoch, seed_everything
+from utils.train import accelerated, run_epoch, seed_everything
 
 BATCH = 8  # per process; one process takes 2 * BATCH
 TRAIN_IMAGES = 43  # global batches of 16, 16 and 11, whose last splits unevenly, 5 and 6
@@ -66,7 +66,9 @@ def trained_and_evaluated(name, data_dir, batch_size):
     # Plain SGD: Adam's first step is lr * g / |g|, which turns a gradient that is zero up to rounding
     # (the encoder's last bias, after k-means, ahead of the decoder's BatchNorm) into +-lr.
     optimizer = torch.optim.SGD(model.parameters(), lr=SGD_LEARNING_RATE)
-    run_epoch(data_parallel(model, CPU, config["sync_batchnorm"]), model_type, train_set, config, CPU, 0, optimizer)
+    # As the scripts train: on models/fast (config key fast="auto" on the CPU), data-parallel.
+    trained = data_parallel(accelerated(model, config, CPU), CPU, config["sync_batchnorm"])
+    run_epoch(trained, model_type, train_set, config, CPU, 0, optimizer)
     # Taken before any evaluation makes the buffers rank 0's, so that ranks can be compared.
     state = {key: value.clone() for key, value in model.state_dict().items()}
     means, codes, reconstructions = run_epoch(model, model_type, test_set, config, CPU, 1, keep_outputs=True)
@@ -144,10 +146,10 @@ def one_process(tiny_data):
 
 def test_ranks_take_their_slice_of_each_global_batch_and_split_the_last_evenly(monkeypatch):
     order = np.arange(100, 122)  # 22 images: global batches of 8, the last of 6
-    monkeypatch.setattr(distributed_module, "world_size", lambda: 3)
+    monkeypatch.setattr(data_parallel_module, "world_size", lambda: 3)
     shares = {}
     for rank in range(3):
-        monkeypatch.setattr(distributed_module, "rank", lambda rank=rank: rank)
+        monkeypatch.setattr(data_parallel_module, "rank", lambda rank=rank: rank)
         shares[rank] = [(index.tolist(), start, size) for index, start, size in batch_shares(order, 3, True)]
     # Each process takes `batch_size` of the global batch of 3 * 3 = 9; the last 4 go 1, 1, 2.
     assert shares[0] == [([100, 101, 102], 0, 9), ([109, 110, 111], 0, 9), ([118], 0, 4)]
@@ -156,8 +158,8 @@ def test_ranks_take_their_slice_of_each_global_batch_and_split_the_last_evenly(m
 
 
 def test_a_last_training_batch_smaller_than_the_number_of_ranks_is_left_out(monkeypatch):
-    monkeypatch.setattr(distributed_module, "world_size", lambda: 4)
-    monkeypatch.setattr(distributed_module, "rank", lambda: 3)
+    monkeypatch.setattr(data_parallel_module, "world_size", lambda: 4)
+    monkeypatch.setattr(data_parallel_module, "rank", lambda: 3)
     order = np.arange(19)  # a global batch of 16, then 3 images for 4 ranks
     assert [index.tolist() for index, _, _ in batch_shares(order, 4, True)] == [[12, 13, 14, 15]]
     # Evaluation keeps every image; this rank's share of the last batch is one of them.
