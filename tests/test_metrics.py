@@ -11,8 +11,8 @@ from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
 from tests.sprites import sprite_rgba
-from utils.metrics import (PSNR_CAP_DB, codebook_stats, colours_per_image, exact_pixel_rate,
-                           foreign_colour_rate, image_metrics, main, mse, psnr,
+from utils.metrics import (PSNR_CAP_DB, bits_per_sprite, codebook_stats, colours_per_image, exact_pixel_rate,
+                           foreign_colour_rate, image_metrics, main, mse, palette_metrics, psnr,
                            sprite_exact_pixel_rate, ssim, to_uint8)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +82,87 @@ def test_sprite_rate_pools_pixels_so_bigger_sprites_weigh_more():
 def test_sprite_rate_is_nan_when_no_pixel_is_sprite():
     ref = flat(RED)
     assert math.isnan(sprite_exact_pixel_rate(ref, ref, np.zeros((1, 4, 4), bool)))
+
+
+def two_colour_sprite():
+    """A 4x4 image: a red and a blue sprite pixel each side of a 2x2 block, on white background."""
+    ref = flat(WHITE)
+    mask = np.zeros((1, 4, 4), bool)
+    ref[0, 1, 1] = ref[0, 1, 2] = RED
+    ref[0, 2, 1] = ref[0, 2, 2] = BLUE
+    mask[0, 1:3, 1:3] = True
+    return ref, mask
+
+
+def test_palette_snapping_makes_a_near_colour_exact_and_a_wrong_palette_colour_stays_wrong():
+    ref, mask = two_colour_sprite()
+    out = ref.copy()
+    out[0, 1, 1] = (190, 50, 45)  # off red, nearest red: exact once snapped
+    out[0, 2, 1] = RED  # a palette colour, but the wrong one
+    out[0, 0, 0] = BLUE  # background: not scored
+    metrics = palette_metrics(ref, out, mask)
+    assert sprite_exact_pixel_rate(ref, out, mask) == 2 / 4
+    assert metrics["palette_exact_pixel_rate"] == 3 / 4
+    assert metrics["palette_colours"] == 2
+    assert metrics["palette_bits"] == 48
+
+
+def test_a_near_colour_counts_only_if_its_nearest_palette_colour_is_right():
+    ref, mask = two_colour_sprite()
+    out = ref.copy()
+    # On a red pixel: nearer blue than red, so snapped to the wrong colour. White is not in the
+    # palette (it is background only): a white sprite pixel snaps to its nearest, red, here right.
+    out[0, 1, 1] = (60, 40, 110)
+    out[0, 1, 2] = WHITE
+    assert palette_metrics(ref, out, mask)["palette_exact_pixel_rate"] == 3 / 4
+
+
+def test_palette_is_each_sprites_own_and_pools_pixels_over_the_batch():
+    ref, mask = two_colour_sprite()
+    other = flat(GREEN)
+    refs, masks = np.concatenate([ref, other]), np.concatenate([mask, np.ones((1, 4, 4), bool)])
+    out = refs.copy()
+    out[1, 0, 0] = RED  # red is in the first sprite's palette, not this one's: snapped back to green
+    out[0, 1, 1] = GREEN  # green is not in the first palette: snapped to its nearest, blue, wrong
+    metrics = palette_metrics(refs, out, masks)
+    assert metrics["palette_exact_pixel_rate"] == (3 + 16) / (4 + 16)
+    assert metrics["palette_colours"] == (2 + 1) / 2
+    assert metrics["palette_bits"] == 24 * 1.5
+
+
+def test_image_metrics_with_masks_include_the_palette_exact_share():
+    images, masks = sprites_on_white(2)
+    metrics = image_metrics(images, images.copy(), masks)
+    assert metrics["palette_exact_pixel_rate"] == 1.0
+    assert metrics["palette_colours"] == np.mean([len({tuple(c) for c in i[m]}) for i, m in zip(images, masks)])
+
+
+def test_bits_per_sprite_is_grid_cells_times_log2_codebook_size_and_none_for_the_vae():
+    assert bits_per_sprite({"image_size": 64, "num_layers": 0, "num_embeddings": 256}) == 64 * 64 * 8
+    assert bits_per_sprite({"image_size": 64, "num_layers": 2, "num_embeddings": 1024}) == 16 * 16 * 10
+    assert bits_per_sprite({"image_size": 64, "num_layers": 4, "latent_dim": 256}) is None
+
+
+def test_cli_scores_sprite_and_palette_shares_where_the_inputs_have_alpha(tmp_path):
+    images, masks = sprites_on_white(2)
+    changed = images.copy()
+    changed[0][masks[0]] = 0  # every sprite pixel of the first image black
+    write_pngs(tmp_path / "inputs", np.concatenate([images, np.where(masks, 255, 0)[..., None].astype(np.uint8)], -1),
+               ["a.png", "b.png"])
+    write_pngs(tmp_path / "recon", changed, ["a.png", "b.png"])
+    assert main([str(tmp_path / "inputs"), str(tmp_path / "recon"), "--json", str(tmp_path / "m.json")]) == 0
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["sprite_exact_pixel_rate"] == pytest.approx(masks[1].sum() / masks.sum())
+    assert saved["sprite_exact_pixel_rate"] == sprite_exact_pixel_rate(images, changed, masks)
+    assert saved["palette_exact_pixel_rate"] == palette_metrics(images, changed, masks)["palette_exact_pixel_rate"]
+
+
+def test_cli_without_alpha_scores_no_sprite_share(tmp_path):
+    images, _ = sprites_on_white(2)
+    write_pngs(tmp_path / "inputs", images, ["a.png", "b.png"])
+    write_pngs(tmp_path / "recon", images, ["a.png", "b.png"])
+    assert main([str(tmp_path / "inputs"), str(tmp_path / "recon"), "--json", str(tmp_path / "m.json")]) == 0
+    assert "sprite_exact_pixel_rate" not in json.loads((tmp_path / "m.json").read_text())
 
 
 def test_foreign_colours_are_judged_against_that_image_input_only():

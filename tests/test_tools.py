@@ -24,23 +24,31 @@ def own_sprites(tmp_path):
 def test_reconstruct_writes_prepared_inputs_beside_reconstructions(tiny_experiment, own_sprites, tmp_path, capsys):
     out = tmp_path / "out"
     assert reconstruct.main([str(tiny_experiment), str(own_sprites), str(out)]) == 0
-    assert "skipped notes.txt: not an image" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "skipped notes.txt: not an image" in printed
     names = ["block.png", "knight.png", "slime.png"]
     assert sorted(p.name for p in (out / "inputs").iterdir()) == names
     assert sorted(p.name for p in (out / "reconstructions").iterdir()) == names
     knight = np.asarray(Image.open(out / "inputs/knight.png"))
     rgba = sprite_rgba(1)
     opaque_colours = {tuple(c) for c in rgba[rgba[..., 3] > 0][:, :3]}
-    assert knight.shape == (16, 16, 3)
-    assert {tuple(c) for c in knight.reshape(-1, 3)} <= opaque_colours | {(255, 255, 255)}
+    # The sprite on white as RGB, and the source's alpha as the mask: opaque exactly where the sprite is.
+    assert knight.shape == (16, 16, 4)
+    assert {tuple(c) for c in knight[..., :3].reshape(-1, 3)} <= opaque_colours | {(255, 255, 255)}
+    assert (knight[..., 3] == 255).sum() == (rgba[..., 3] > 0).sum() and set(np.unique(knight[..., 3])) == {0, 255}
     assert metrics.main([str(out / "inputs"), str(out / "reconstructions"), "--json", str(tmp_path / "m.json")]) == 0
-    assert 0 <= json.loads((tmp_path / "m.json").read_text())["exact_pixel_rate"] <= 1
+    scored = json.loads((tmp_path / "m.json").read_text())
+    # utils.metrics reads the same masks back from the inputs' alpha and scores what reconstruct printed.
+    assert scored == {"ref_dir": str(out / "inputs"), "out_dir": str(out / "reconstructions"),
+                      **json.loads((out / "metrics.json").read_text())}
+    assert f"{100 * scored['sprite_exact_pixel_rate']:.1f}% of sprite pixels exact" in printed
+    assert f"{100 * scored['palette_exact_pixel_rate']:.1f}% once snapped" in printed
 
 
 def test_reconstruct_on_a_black_background_puts_sprites_on_black(tiny_experiment, own_sprites, tmp_path):
     assert reconstruct.main([str(tiny_experiment), str(own_sprites), str(tmp_path / "out"), "--background", "black"]) == 0
     corner = np.asarray(Image.open(tmp_path / "out/inputs/knight.png"))[0, 0]
-    assert corner.tolist() == [0, 0, 0]
+    assert corner.tolist() == [0, 0, 0, 0]
 
 
 @pytest.mark.parametrize("problem", ["no_experiment", "no_folder"])

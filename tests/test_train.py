@@ -25,9 +25,15 @@ def test_each_script_trains_end_to_end_and_writes_every_output(script, tmp_path,
     assert sorted(p.name for p in (out / "reconstructions").iterdir()) == sorted(test_names)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and metrics["test_images"] == len(test_names)
-    for key in ["mse", "ssim", "psnr", "exact_pixel_rate", "sprite_exact_pixel_rate", "input_colours",
-                "output_colours", "foreign_colour_rate", "train_seconds", "train_images_per_second"]:
+    for key in ["mse", "ssim", "psnr", "exact_pixel_rate", "sprite_exact_pixel_rate", "palette_exact_pixel_rate",
+                "palette_colours", "palette_bits", "input_colours", "output_colours", "foreign_colour_rate",
+                "train_seconds", "train_images_per_second"]:
         assert np.isfinite(metrics[key]), key
+    # Snapping to the sprite's own palette keeps every exact pixel exact.
+    assert metrics["palette_exact_pixel_rate"] >= metrics["sprite_exact_pixel_rate"]
+    # 16 codes are 4 bits; the tiny Pixel VQ-VAE keeps a 16x16 grid, the tiny VQ-VAE halves it.
+    assert metrics["bits_per_sprite"] == {"train_pixel_vqvae.py": 16 * 16 * 4, "train_vqvae.py": 8 * 8 * 4,
+                                          "train_vae.py": None}[script]
     if script != "train_vae.py":
         assert 1 <= metrics["codes_used"] <= 16
     pairs = json.loads((out / "fusions/pairs.json").read_text())

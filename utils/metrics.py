@@ -6,6 +6,7 @@ because a pixel-art reconstruction that is one level off everywhere scores well 
 longer uses the sprite's palette.
 """
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -115,6 +116,45 @@ def foreign_colour_rate(ref, out):
     return float(1.0 - np.isin(out_keys, ref_keys).mean())
 
 
+# A colour of 8 bits per channel: what the palette costs to send beside the codes.
+BITS_PER_COLOUR = 24
+
+
+def palette_metrics(ref, out, masks):
+    """Exactness once the sprite's own palette is known: each output sprite pixel snapped to the
+    nearest (squared RGB distance) of the input sprite's distinct opaque colours.
+
+    Returns `palette_exact_pixel_rate` (pooled over the batch's sprite pixels, like
+    sprite_exact_pixel_rate; NaN when there are none), `palette_colours`, the mean palette size,
+    and `palette_bits`, that palette's mean side information at BITS_PER_COLOUR a colour.
+    A near colour outside the palette is snapped, so it counts only if its nearest palette
+    colour is the right one; ties go to the palette colour of the smaller RGB key."""
+    masks = np.asarray(masks, dtype=bool)
+    exact, sizes = 0, []
+    for r, o, m in zip(ref, out, masks):
+        palette = np.unique(colour_keys(r[m]))
+        sizes.append(len(palette))
+        if not len(palette):
+            continue
+        colours = np.stack([palette >> 16, (palette >> 8) & 255, palette & 255], axis=-1)
+        distances = ((o[m].astype(np.int64)[:, None, :] - colours[None]) ** 2).sum(-1)
+        exact += int((palette[distances.argmin(1)] == colour_keys(r[m])).sum())
+    pixels = int(masks.sum())
+    return {"palette_exact_pixel_rate": exact / pixels if pixels else float("nan"),
+            "palette_colours": float(np.mean(sizes)) if sizes else float("nan"),
+            "palette_bits": BITS_PER_COLOUR * float(np.mean(sizes)) if sizes else float("nan")}
+
+
+def bits_per_sprite(config):
+    """Bits of a VQ model's code grid for one image: grid cells x log2(codebook size).
+
+    None for the VAE, whose latent is a vector of floats with no fixed bit count."""
+    if "num_embeddings" not in config:
+        return None
+    side = config["image_size"] // 2 ** config["num_layers"]
+    return side * side * math.log2(config["num_embeddings"])
+
+
 def codebook_stats(counts):
     """Health of a codebook from how often each code was chosen over a whole dataset.
 
@@ -146,6 +186,7 @@ def image_metrics(ref, out, masks=None):
     }
     if masks is not None:
         metrics["sprite_exact_pixel_rate"] = sprite_exact_pixel_rate(ref, out, masks)
+        metrics.update(palette_metrics(ref, out, masks))
     metrics.update(
         input_colours=colours_per_image(ref),
         output_colours=colours_per_image(out),
@@ -192,16 +233,28 @@ def load_rgb(path):
         raise UserError(f"cannot read {path}: {e}") from e
 
 
+def load_rgb_and_mask(path):
+    """(uint8 RGB, bool sprite mask or None): the mask is alpha > 0 when the PNG has alpha."""
+    try:
+        with Image.open(path) as image:
+            alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+            rgba = np.asarray(image.convert("RGBA"))
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e}") from e
+    return np.ascontiguousarray(rgba[..., :3]), (rgba[..., 3] > 0 if alpha else None)
+
+
 def size_text(image):
     return f"{image.shape[1]}x{image.shape[0]}"
 
 
 def load_pairs(ref_dir, out_dir):
-    """Inputs and reconstructions paired by file name, as two uint8 [N, H, W, 3] arrays."""
+    """Inputs and reconstructions paired by file name, as two uint8 [N, H, W, 3] arrays, and the
+    inputs' sprite masks [N, H, W] (alpha > 0), or None unless every input PNG has alpha."""
     names = _paired_names(ref_dir, out_dir)
-    refs, outs = [], []
+    refs, outs, masks = [], [], []
     for name in names:
-        ref, out = load_rgb(Path(ref_dir) / name), load_rgb(Path(out_dir) / name)
+        (ref, mask), out = load_rgb_and_mask(Path(ref_dir) / name), load_rgb(Path(out_dir) / name)
         if ref.shape != out.shape:
             raise UserError(f"{name} is {size_text(ref)} in {ref_dir} but {size_text(out)} in {out_dir}")
         if refs and ref.shape != refs[0].shape:
@@ -209,9 +262,11 @@ def load_pairs(ref_dir, out_dir):
                             "every image must have the same size")
         refs.append(ref)
         outs.append(out)
+        masks.append(mask)
     if min(refs[0].shape[:2]) < 11:
         raise UserError(f"images are {size_text(refs[0])}; SSIM's 11-pixel window needs 11x11 or more")
-    return np.stack(refs), np.stack(outs)
+    masks = None if any(m is None for m in masks) else np.stack(masks)
+    return np.stack(refs), np.stack(outs), masks
 
 
 def _parse_args(argv):
@@ -219,7 +274,10 @@ def _parse_args(argv):
         prog="python -m utils.metrics",
         description="Score reconstructions against their inputs. PNGs pair by file name and "
                     "are read as RGB; an alpha channel is dropped, not composited, so compare "
-                    "the dataset's opaque RGB copies rather than the transparent sprites.")
+                    "the dataset's opaque RGB copies rather than the transparent sprites. When "
+                    "every input PNG has alpha (as utils.reconstruct writes OUT_DIR/inputs/), "
+                    "alpha > 0 marks the sprite's pixels, and the sprite and palette-exact "
+                    "shares are scored on them.")
     parser.add_argument("ref_dir", type=Path, help="folder of input PNGs")
     parser.add_argument("out_dir", type=Path, help="folder of reconstructed PNGs, same names")
     parser.add_argument("--json", type=Path, default=None,
@@ -231,8 +289,8 @@ def _parse_args(argv):
 def main(argv=None):
     args = _parse_args(argv)
     try:
-        ref, out = load_pairs(args.ref_dir, args.out_dir)
-        metrics = {"images": len(ref), **image_metrics(ref, out)}
+        ref, out, masks = load_pairs(args.ref_dir, args.out_dir)
+        metrics = {"images": len(ref), **image_metrics(ref, out, masks)}
         out_dir = args.out_dir.resolve()
         json_path = args.json or out_dir.parent / f"metrics_{out_dir.name}.json"
         write_json(json_path, {"ref_dir": str(args.ref_dir), "out_dir": str(args.out_dir),

@@ -5,7 +5,10 @@
 EXPERIMENT is a folder under outputs/ (or a path to one). Every image in IN_DIR (any PNG mode and
 size) is prepared exactly as the data pipeline prepares a test sprite, then written as
 OUT_DIR/inputs/<name>.png beside OUT_DIR/reconstructions/<name>.png, so that
-`python -m utils.metrics OUT_DIR/inputs OUT_DIR/reconstructions` compares them.
+`python -m utils.metrics OUT_DIR/inputs OUT_DIR/reconstructions` compares them. An input PNG holds
+the sprite on its background as RGB and the source's alpha (0 or 255) as its sprite mask, so the
+sprite-pixel and palette-exact shares are scored on the sprite alone; they are printed, and every
+metric is written to OUT_DIR/metrics.json.
 """
 import argparse
 import sys
@@ -18,6 +21,8 @@ from utils import data
 from utils.device import choose_device
 from utils.errors import UserError
 from utils.images import from_batch, to_batch
+from utils.io import write_json
+from utils.metrics import image_metrics
 from utils.plots import save_png
 from utils.train import ROOT, load_model
 
@@ -31,22 +36,24 @@ def experiment_dir(name):
 
 
 def read_sprites(folder, size, background, log=print):
-    """(names, uint8 images [N,H,W,3]) of every usable image in `folder`; the rest are named and skipped."""
+    """(names, uint8 images [N,H,W,3], bool sprite masks [N,H,W]) of every usable image in `folder`;
+    the rest are named and skipped."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder of sprites")
-    names, images = [], []
+    names, images, masks = [], [], []
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         try:
-            image, _ = data.sprite_image(path.read_bytes(), size, background)
+            image, mask = data.sprite_image(path.read_bytes(), size, background)
         except data.SkipImage as why:
             log(f"skipped {path.name}: {why}")
             continue
         names.append(path.stem + ".png")
         images.append(image)
+        masks.append(mask)
     if not images:
         raise UserError(f"no usable sprite in {folder}")
-    return names, np.stack(images)
+    return names, np.stack(images), np.stack(masks)
 
 
 def reconstruct(model, images, device):
@@ -69,15 +76,20 @@ def main(argv=None):
     try:
         device = choose_device(args.device)
         model, _, config = load_model(experiment_dir(args.experiment), device)
-        names, images = read_sprites(args.in_dir, config["image_size"], args.background)
+        names, images, masks = read_sprites(args.in_dir, config["image_size"], args.background)
         out = Path(args.out_dir)
-        for name, given, rebuilt in zip(names, images, reconstruct(model, images, device)):
-            save_png(given, out / "inputs" / name)
-            save_png(rebuilt, out / "reconstructions" / name)
+        rebuilt = reconstruct(model, images, device)
+        for name, given, mask, output in zip(names, images, masks, rebuilt):
+            save_png(np.dstack([given, np.where(mask, 255, 0).astype(np.uint8)]), out / "inputs" / name)
+            save_png(output, out / "reconstructions" / name)
+        metrics = {"images": len(names), **image_metrics(images, rebuilt, masks)}
+        write_json(out / "metrics.json", metrics)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"{len(names)} sprites reconstructed into {out}")
+    print(f"{len(names)} sprites reconstructed into {out}: {100 * metrics['sprite_exact_pixel_rate']:.1f}% of "
+          f"sprite pixels exact, {100 * metrics['palette_exact_pixel_rate']:.1f}% once snapped to each sprite's "
+          f"own palette ({metrics['palette_colours']:.1f} colours on average); all metrics in {out / 'metrics.json'}")
     return 0
 
 

@@ -28,7 +28,7 @@ from utils.fusions import write_fusions
 from utils.io import atomic_path, remove_temp_files, write_json
 from utils.losses import loss_terms
 from utils.images import from_batch, to_batch
-from utils.metrics import codebook_stats, image_metrics
+from utils.metrics import bits_per_sprite, codebook_stats, image_metrics
 from utils.plots import image_grid, plot_codebook_usage, plot_losses, save_gif, save_png, upscale_nearest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -345,7 +345,8 @@ def write_reconstructions(folder, names, images):
 
 
 def summary_table(metrics):
-    keys = ["mse", "ssim", "psnr", "exact_pixel_rate", "sprite_exact_pixel_rate", "input_colours",
+    keys = ["mse", "ssim", "psnr", "exact_pixel_rate", "sprite_exact_pixel_rate", "palette_exact_pixel_rate",
+            "palette_colours", "bits_per_sprite", "input_colours",
             "output_colours", "foreign_colour_rate", "codes_used", "perplexity",
             "train_images_per_second"]
     rows = [(k, metrics[k]) for k in keys if k in metrics]
@@ -441,6 +442,7 @@ def train(model_type, config, device):
 
     write_reconstructions(out / "reconstructions", test_set.names, reconstructions)
     metrics = image_metrics(test_set.images, reconstructions, test_set.masks)
+    metrics["bits_per_sprite"] = bits_per_sprite(config)
     if test_codes is not None:
         metrics.update(codebook_stats(test_codes))
         plot_codebook_usage(history, test_codes, out / "codebook_usage.png")

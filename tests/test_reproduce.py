@@ -1,0 +1,171 @@
+"""python -m utils.reproduce: the whole plan at the smoke budget through its real command line,
+skipping what is finished, resuming what was interrupted, refusing a folder that is not the plan's."""
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT, files, refusal
+from utils import plan as planned
+from utils.reproduce import main, script_defaults
+from utils.results import SHOWN_DIR, TEST_SPRITES
+
+FID_DIMS = 64  # the random-weights network's smallest features: a real FID, cheap on tiny images
+
+
+def reproduce(folders, *extra):
+    outputs, results, data, weights = folders
+    return subprocess.run([sys.executable, "-m", "utils.reproduce", "--budget=smoke", "--seeds=42",
+                           f"--dataset={data}", f"--outputs={outputs}", f"--results={results}",
+                           f"--fid-weights={weights}", f"--fid-dims={FID_DIMS}", *extra],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, tiny_data, random_weights):
+    """The whole smoke plan run once; (folders, the finished run, its seconds)."""
+    root = tmp_path_factory.mktemp("reproduce")
+    folders = (root / "outputs", root / "results", tiny_data, random_weights)
+    started = time.perf_counter()
+    done = reproduce(folders)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return folders, done, time.perf_counter() - started
+
+
+def smoke_plan():
+    return planned.plan("smoke", [42], script_defaults)
+
+
+def test_smoke_plan_holds_every_group_at_equal_capacity():
+    entries = smoke_plan()
+    names = [e["name"] for e in entries]
+    assert names == ["paper_pixel_vqvae_s42", "paper_vqvae_s42", "paper_vae_s42", "ablation_vqvae_s42",
+                     "ablation_adapter_s42", "ablation_pixelsight_s42", "ablation_pixel_vqvae_s42",
+                     "ablation_pixel_vqvae_ssim_s42", "prior_pixel_vqvae_s42", "prior_vqvae_s42"]
+    ablation = {e["config"]: {**script_defaults(e["script"]), **e["overrides"]} for e in entries
+                if e["group"] == "ablation"}
+    # Every stage has the same grid and codebook; each adds its switch to the stage before.
+    assert {(c["num_layers"], c["num_embeddings"], c["embedding_dim"]) for c in ablation.values()} == {(2, 16, 8)}
+    switches = [(c["adapter_layer"], c["pixelsight_filters"] > 0, c["use_ssim_loss"]) for c in ablation.values()]
+    assert switches == [(False, False, False), (True, False, False), (False, True, False), (True, True, False),
+                        (True, True, True)]
+    priors = [e for e in entries if e["group"] == "downstream"]
+    assert [p["overrides"]["vq_experiment"] for p in priors] == ["ablation_pixel_vqvae_s42", "ablation_vqvae_s42"]
+    assert priors[0]["overrides"] == {**priors[1]["overrides"], "vq_experiment": "ablation_pixel_vqvae_s42"}
+
+
+def test_cpu_and_paper_budgets_keep_one_budget_per_group_and_draw_1000_samples():
+    for budget in ("cpu", "paper"):
+        entries = planned.plan(budget, list(planned.SEEDS), script_defaults)
+        ablation = [e for e in entries if e["group"] == "ablation"]
+        assert len(ablation) == 15
+        assert len({(e["overrides"].get("epochs"), e["overrides"].get("learning_rate")) for e in ablation}) == 1
+        assert all(e["overrides"]["num_samples"] >= 1000 for e in entries if e["group"] == "downstream")
+        assert all(e["estimate_minutes"] > 0 for e in entries)
+    paper = planned.plan("paper", list(planned.SEEDS), script_defaults)
+    # The paper's length is the scripts' own: no epochs overridden, so 25 for every autoencoder.
+    assert all("epochs" not in e["overrides"] for e in paper)
+    assert sum(e["estimate_minutes"] for e in planned.plan("cpu", list(planned.SEEDS), script_defaults)) <= 5.5 * 60
+
+
+def test_smoke_runs_every_experiment_and_writes_results_md_with_each(smoke):
+    (outputs, results, _, _), done, _ = smoke
+    table = (results / "results.md").read_text()
+    for entry in smoke_plan():
+        name = entry["name"]
+        metrics = json.loads((outputs / name / "metrics.json").read_text())
+        # The small files travel into the results; the weights and reconstructions do not.
+        published = {p.relative_to(results / name).as_posix() for p in (results / name).rglob("*") if p.is_file()}
+        assert {"config.json", "metrics.json", "history.json", "reproduce.json"} <= published
+        assert not any(p.endswith(".pt") or p.startswith("reconstructions/") for p in published)
+        assert json.loads((results / name / "metrics.json").read_text()) == metrics
+        assert f"`{entry['config']}`" in table and name in table
+        if entry["group"] == "downstream":
+            assert "nearest_grid.png" in published and f"{name}/nearest_grid.png" in table
+            continue
+        assert metrics["palette_colours"] > 0 and 0 <= metrics["palette_exact_pixel_rate"] <= 1
+        # Snapping to the sprite's own palette can only add exact pixels.
+        assert metrics["palette_exact_pixel_rate"] >= metrics["sprite_exact_pixel_rate"]
+        config = json.loads((outputs / name / "config.json").read_text())
+        assert metrics["bits_per_sprite"] == (None if entry["script"] == "train_vae.py" else
+                                              (16 // 2 ** config["num_layers"]) ** 2 * 4)
+        fid = json.loads((results / name / "fid.json").read_text())[f"bilinear-{FID_DIMS}"]["fid"]
+        assert f"{fid:.2f}" in table
+        shown = sorted(p.name for p in (results / name / SHOWN_DIR).iterdir())
+        assert len(shown) == 8 and all((results / TEST_SPRITES / n).is_file() for n in shown)
+    for figure in ("reconstructions.png", "rate_exactness.png", "ablation.png"):
+        assert (results / figure).stat().st_size > 0 and f"]({figure})" in table
+    assert "Budget: **smoke**" in table and "seeds 42;" in table
+
+
+def test_second_invocation_skips_everything_and_rebuilds_the_same_tables(smoke):
+    folders, _, first_seconds = smoke
+    outputs, results = folders[:2]
+    before = files(outputs)
+    started = time.perf_counter()
+    again = reproduce(folders)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count(": done") == 10 and ": new" not in again.stdout
+    assert time.perf_counter() - started < first_seconds / 3
+    assert files(outputs) == before
+
+
+def test_tables_only_rebuilds_results_md_from_the_results_folder_alone(smoke, tmp_path):
+    (_, results, _, _), _, _ = smoke
+    copy = tmp_path / "results"
+    subprocess.run(["cp", "-r", str(results), str(copy)], check=True)
+    (copy / "results.md").unlink()
+    done = subprocess.run([sys.executable, "-m", "utils.reproduce", "--tables-only", f"--results={copy}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (copy / "results.md").read_text() == (results / "results.md").read_text()
+
+
+def test_an_interrupted_experiment_is_resumed_from_its_checkpoint(smoke):
+    folders, _, _ = smoke
+    experiment = folders[0] / "paper_vqvae_s42"
+    checkpoint = (experiment / "checkpoint.pt").read_bytes()
+    # Killed after its last checkpoint, before its metrics: what a power cut at the end leaves.
+    (experiment / "metrics.json").unlink()
+    done = reproduce(folders, "--only=paper")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "paper_vqvae_s42 (paper, train_vqvae.py): resume" in done.stdout
+    log = (folders[0] / ".reproduce" / "paper_vqvae_s42.log").read_text()
+    assert log.splitlines()[[i for i, line in enumerate(log.splitlines()) if line.startswith("$ ")][-1]].endswith(
+        "--resume=True")
+    assert "resumed" in log and (experiment / "checkpoint.pt").read_bytes() == checkpoint
+    assert (experiment / "metrics.json").exists()
+    timing = json.loads((folders[1] / "paper_vqvae_s42" / "reproduce.json").read_text())
+    assert timing["attempts"] == 2
+
+
+def test_a_folder_whose_config_differs_from_the_plan_is_refused_and_left_alone(smoke):
+    folders, _, _ = smoke
+    config_path = folders[0] / "ablation_adapter_s42" / "config.json"
+    original = config_path.read_bytes()
+    config_path.write_text(json.dumps({**json.loads(original), "epochs": 7}))
+    before = files(folders[0])
+    try:
+        line = refusal(reproduce(folders))
+        after = files(folders[0])
+    finally:
+        config_path.write_bytes(original)
+    assert line.startswith("error:") and "ablation_adapter_s42" in line and "epochs (folder 7, plan 1)" in line
+    # Refused before anything ran: no experiment, log or result was touched.
+    assert after == before
+
+
+def test_only_a_group_also_runs_the_experiments_it_needs(tmp_path, capsys):
+    assert main(["--only=downstream", "--dry-run", f"--outputs={tmp_path}", f"--results={tmp_path}"]) == 0
+    listed = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("[")]
+    # The priors read the first seed's 16x16 VQ-VAE and Pixel VQ-VAE, which come first.
+    assert listed == ["ablation_vqvae_s42", "ablation_pixel_vqvae_s42", "prior_pixel_vqvae_s42", "prior_vqvae_s42"]
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_unknown_group_is_refused_in_one_line(tmp_path, capsys):
+    assert main(["--only=ablations", "--dry-run", f"--outputs={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "ablations" in err[0]

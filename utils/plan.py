@@ -1,0 +1,117 @@
+"""The experiments of `python -m utils.reproduce`, as data: which script, which overrides, which seed.
+
+An entry's `overrides` are the script's own config keys; a budget (`BUDGETS`) adds or replaces
+keys for the run's length. `config` names what seeds are repeats of (the tables average over it);
+`needs` names the experiments whose outputs a run reads (a prior reads its VQ model).
+"""
+
+SEEDS = (42, 1, 2)
+TRAIN_IMAGES = 48_000  # one epoch of the prepared Pokemon training split
+
+# The paper's prior grid: 16x16 codes (two 2x2 stride-2 layers on 64x64), 1024 codes of dimension 64.
+GRID_16X16 = {"num_layers": 2, "num_embeddings": 1024, "embedding_dim": 64}
+# Each stage adds one thing to the one before; "pixel_vqvae" is the Pixel VQ-VAE at equal capacity.
+ABLATION = (
+    ("vqvae", "VQ-VAE", "train_vqvae.py", {}),
+    ("adapter", "+ adapter", "train_vqvae.py", {"adapter_layer": True}),
+    ("pixelsight", "+ PixelSight", "train_vqvae.py", {"pixelsight_filters": 512}),
+    ("pixel_vqvae", "+ both (Pixel VQ-VAE)", "train_pixel_vqvae.py", {}),
+    ("pixel_vqvae_ssim", "+ both + SSIM term", "train_pixel_vqvae.py", {"use_ssim_loss": True}),
+)
+PAPER = (
+    ("pixel_vqvae", "Pixel VQ-VAE, per pixel", "train_pixel_vqvae.py"),
+    ("vqvae", "VQ-VAE", "train_vqvae.py"),
+    ("vae", "VAE", "train_vae.py"),
+)
+# Priors over the first seed's 16x16 VQ-VAE and Pixel VQ-VAE: the same prior, the same budget.
+DOWNSTREAM = (("pixel_vqvae", "Pixel VQ-VAE 16x16"), ("vqvae", "VQ-VAE 16x16"))
+
+# Training images/s of each kind on an idle 2-core Zen 5 (README "Speed", bench/README.md), and
+# minutes a run spends beyond training (validation each epoch, test evaluation, fusions, the FID of
+# 3,816 reconstructions at 10-30 images/s). Adapter-only and PixelSight-only were not measured:
+# a guess from the stages they share with the measured models.
+SPEED = {"paper_pixel_vqvae": 400, "paper_vqvae": 6000, "paper_vae": 450,
+         "ablation_vqvae": 5000, "ablation_adapter": 3000, "ablation_pixelsight": 130,
+         "ablation_pixel_vqvae": 120, "ablation_pixel_vqvae_ssim": 100,
+         # grids/s of the cpu budget's prior; sampling 1,000 grids and their FID take ~12 minutes
+         "prior": 100}
+OVERHEAD_MINUTES = {"autoencoder": 5, "prior": 12}
+
+BUDGETS = {
+    # The paper's length: every script at its defaults, 25 epochs, the prior at its own (20 epochs).
+    "paper": {"all": {}, "prior": {"num_samples": 1000}, "seeds_for_paper_group": 3},
+    # About five hours of the 2-core CPU (see `estimate_minutes`): the paper's configurations
+    # shortened where the issue saw validation stop improving (per-pixel model, epoch 2), the 16x16
+    # ablation and its priors at 2 epochs, at 1e-3, which trained far better than 1e-4 in short runs.
+    "cpu": {"all": {}, "paper_pixel_vqvae": {"epochs": 5}, "paper_vae": {"epochs": 8},
+            "ablation": {"epochs": 2, "learning_rate": 1e-3},
+            "prior": {"epochs": 2, "hidden_channels": 64, "num_layers": 8, "kernel_size": 3, "num_samples": 1000},
+            "seeds_for_paper_group": 1},
+    # Everything tiny, for the test on a tiny 16x16 data set: one epoch of 64 images, narrow layers.
+    "smoke": {"all": {"image_size": 16, "batch_size": 8, "epochs": 1, "max_train_images": 64, "learning_rate": 3e-3,
+                      "num_fusions": 2, "fusion_steps": 3},
+              "vq": {"num_embeddings": 16, "embedding_dim": 8},
+              "pixelsight": {"pixelsight_filters": 16},
+              "paper_vae": {"num_layers": 2, "max_filters": 16, "latent_dim": 8},
+              "prior": {"batch_size": 8, "epochs": 1, "max_train_images": 64, "hidden_channels": 8, "num_layers": 2, "kernel_size": 3,
+                        "num_samples": 8},
+              "seeds_for_paper_group": 1},
+}
+
+
+def _entry(group, config, label, script, seed, overrides, needs=()):
+    return {"name": f"{config}_s{seed}", "group": group, "config": config, "label": label, "script": script,
+            "seed": seed, "overrides": {**overrides, "seed": seed}, "needs": list(needs)}
+
+
+def base_plan(seeds, paper_seeds):
+    """Every experiment at the scripts' own length, before a budget is applied."""
+    plan = [_entry("paper", f"paper_{key}", label, script, seed, {})
+            for seed in seeds[:paper_seeds] for key, label, script in PAPER]
+    plan += [_entry("ablation", f"ablation_{key}", label, script, seed, {**GRID_16X16, **extra})
+             for seed in seeds for key, label, script, extra in ABLATION]
+    plan += [_entry("downstream", f"prior_{key}", f"prior over {label}", "train_pixelcnn.py", seeds[0],
+                    {"vq_experiment": f"ablation_{key}_s{seeds[0]}"}, needs=[f"ablation_{key}_s{seeds[0]}"])
+             for key, label in DOWNSTREAM]
+    return plan
+
+
+def budget_overrides(entry, defaults, budget):
+    """The keys `budget` sets for `entry`, given its script's defaults: from the most general
+    part of the budget to the most specific. A width is shrunk only where it is switched on, so the
+    smoke budget's PixelSight keeps the plain VQ-VAE plain."""
+    parts = BUDGETS[budget]
+    planned = {**defaults, **entry["overrides"]}
+    is_prior = entry["group"] == "downstream"
+    keys = dict(parts["all"]) if not is_prior else {}
+    if "num_embeddings" in planned and not is_prior:
+        keys.update(parts.get("vq", {}))
+    if planned.get("pixelsight_filters", 0) > 0:
+        keys.update(parts.get("pixelsight", {}))
+    keys.update(parts.get(entry["group"], {}))
+    keys.update(parts.get("prior" if is_prior else entry["config"], {}))
+    return {key: value for key, value in keys.items() if key in defaults}
+
+
+def plan(budget, seeds=SEEDS, script_defaults=None):
+    """The entries of `budget`, each with `overrides` resolved and an `estimate_minutes`."""
+    entries = base_plan(list(seeds), BUDGETS[budget]["seeds_for_paper_group"])
+    for order, entry in enumerate(entries):
+        entry["order"] = order
+        defaults = script_defaults(entry["script"])
+        entry["overrides"] = {**entry["overrides"], **budget_overrides(entry, defaults, budget)}
+        entry["estimate_minutes"] = None if budget == "smoke" else estimate_minutes(entry, defaults)
+    return entries
+
+
+def estimate_minutes(entry, defaults):
+    """Expected wall minutes on an idle 2-core CPU, from SPEED and OVERHEAD_MINUTES."""
+    planned = {**defaults, **entry["overrides"]}
+    images = planned["max_train_images"] or TRAIN_IMAGES
+    prior = entry["group"] == "downstream"
+    speed = SPEED["prior" if prior else entry["config"]]
+    if prior and planned["hidden_channels"] * planned["num_layers"] * planned["kernel_size"] > 64 * 8 * 3:
+        # A wider or deeper prior than the one SPEED was guessed for: slower in proportion.
+        speed /= (planned["hidden_channels"] * planned["num_layers"] * planned["kernel_size"]) / (64 * 8 * 3)
+    overhead = OVERHEAD_MINUTES["prior" if prior else "autoencoder"]
+    return round(planned["epochs"] * images / speed / 60 + overhead)

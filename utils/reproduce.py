@@ -1,0 +1,214 @@
+"""Reproduce the paper's comparison, the equal-capacity ablation and the downstream priors.
+
+    python -m utils.reproduce                        # the cpu budget (about five hours), seeds 42,1,2
+    python -m utils.reproduce --budget=paper         # the paper's length
+    python -m utils.reproduce --only=ablation --dry-run
+    python -m utils.reproduce --tables-only          # rebuild docs/results/results.md from docs/results/
+
+Each experiment of `utils/plan.py` runs through its training script's command line, its output in
+OUTPUTS/<experiment>/ and its log in OUTPUTS/.reproduce/<experiment>.log. A finished experiment
+(metrics.json, and a config.json equal to the plan's) is skipped; an unfinished one is resumed; a
+folder whose config differs from the plan is refused before anything runs, and never overwritten.
+As each autoencoder ends, the FID of its test reconstructions is computed (utils.report) and its
+small files are copied into RESULTS/<experiment>/ (never weights or reconstructions), from which
+RESULTS/results.md and its figures are written at the end.
+"""
+import argparse
+import functools
+import json
+import runpy
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from utils import plan as planned
+from utils.config import parse_config
+from utils.errors import UserError
+from utils.fid_weights import resolve_fid_weights
+from utils.io import write_json
+from utils.report import DEFAULT_FID, load_experiments, update_fids
+from utils.results import publish, write_results
+
+ROOT = Path(__file__).resolve().parent.parent
+LOG_DIR = ".reproduce"  # a dot folder: utils.report and the scripts' folder checks pass it by
+LOG_TAIL = 20
+# Not part of what an experiment is: how this run of it was started.
+RUN_KEYS = ("resume", "overwrite")
+
+
+@functools.cache
+def script_defaults(script):
+    """The config block of a training script, read without running the script."""
+    return runpy.run_path(str(ROOT / script), run_name="utils.reproduce")["config"]
+
+
+def _text(value):
+    return str(value) if not isinstance(value, float) else repr(value)
+
+
+def command_keys(entry, args):
+    """Every key the script is given: the plan's overrides, then where its inputs and outputs are."""
+    keys = {**entry["overrides"], "experiment_name": entry["name"], "output_dir": str(args.outputs),
+            "dataset": args.dataset}
+    if entry["group"] == "downstream":
+        keys.update(fid_dims=args.fid_dims, fid_weights=str(args.fid_weights or ""))
+    return keys
+
+
+def resolved_config(entry, args):
+    """The config.json the run will write: the script's defaults under the plan's keys."""
+    keys = command_keys(entry, args)
+    return parse_config(script_defaults(entry["script"]), [f"--{k}={_text(v)}" for k, v in keys.items()])
+
+
+def state(entry, args):
+    """'new', 'resume' or 'done', or raises UserError where the folder is not this plan's."""
+    folder = args.outputs / entry["name"]
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return "new"
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        if (folder / "checkpoint.pt").exists():
+            return "resume"  # the script checks the checkpoint's architecture against the plan
+        raise UserError(f"{folder} holds files but no config.json: it is not an experiment of this plan; "
+                        "move it away or choose another --outputs")
+    saved, wanted = json.loads(config_path.read_text()), resolved_config(entry, args)
+    differ = [key for key in sorted(set(saved) | set(wanted)) if key not in RUN_KEYS
+              and saved.get(key) != wanted.get(key)]
+    if differ:
+        listed = ", ".join(f"{k} (folder {saved.get(k)!r}, plan {wanted.get(k)!r})" for k in differ[:5])
+        raise UserError(f"{folder} holds an experiment whose config differs from the plan's: {listed}; "
+                        "it is not overwritten: move it away, or choose another --outputs or --budget")
+    return "done" if (folder / "metrics.json").exists() else "resume"
+
+
+def selected(entries, only):
+    """The entries of the groups in `only` (all when empty) and every entry they need, in plan order."""
+    groups = set(only) if only else {e["group"] for e in entries}
+    unknown = groups - {e["group"] for e in entries}
+    if unknown:
+        raise UserError(f"--only names unknown group(s) {', '.join(sorted(unknown))}; "
+                        f"the groups are {', '.join(dict.fromkeys(e['group'] for e in entries))}")
+    wanted = {e["name"] for e in entries if e["group"] in groups}
+    for e in reversed(entries):
+        if e["name"] in wanted:
+            wanted.update(e["needs"])
+    return [e for e in entries if e["name"] in wanted]
+
+
+def run_one(entry, status, args):
+    """Train one experiment through its script's command line; returns its exit status."""
+    keys = command_keys(entry, args)
+    command = [sys.executable, entry["script"], *[f"--{k}={_text(v)}" for k, v in keys.items()]]
+    if status == "resume":
+        command.append("--resume=True")
+    logs = args.outputs / LOG_DIR
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{entry['name']}.log"
+    started = time.perf_counter()
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(command)}\n")
+        f.flush()
+        done = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    seconds = time.perf_counter() - started
+    # Wall time over every attempt, so a resumed experiment's total includes its interrupted runs.
+    timing_path = logs / f"{entry['name']}.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.exists() else {"wall_seconds": 0.0, "attempts": 0}
+    write_json(timing_path, {"wall_seconds": timing["wall_seconds"] + seconds, "attempts": timing["attempts"] + 1})
+    if done.returncode:
+        tail = log.read_text().splitlines()[-LOG_TAIL:]
+        print("\n".join(tail), file=sys.stderr)
+        print(f"error: {entry['name']} stopped with exit status {done.returncode} after {seconds:.0f} s; "
+              f"its log is {log}; run the same command again to resume it", file=sys.stderr)
+    return done.returncode
+
+
+def finish(entry, args):
+    """FID of an autoencoder's reconstructions (cached), then its small files into the results."""
+    if entry["group"] != "downstream" and not args.no_fid:
+        experiments = [e for e in load_experiments(args.outputs) if e.name == entry["name"]]
+        update_fids(experiments, args.outputs, args.fid_weights, DEFAULT_FID[0], args.fid_dims)
+    timing_path = args.outputs / LOG_DIR / f"{entry['name']}.json"
+    # An experiment trained outside this command has no wall time of ours.
+    timing = json.loads(timing_path.read_text()) if timing_path.exists() else {"wall_seconds": None, "attempts": 0}
+    publish(args.outputs / entry["name"], args.results / entry["name"],
+            {**entry, "budget": args.budget, "fid_dims": args.fid_dims, **timing})
+
+
+def describe(entry, status):
+    estimate = "" if entry["estimate_minutes"] is None else f", about {entry['estimate_minutes']} min"
+    return f"{entry['name']} ({entry['group']}, {entry['script']}{estimate}): {status}"
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m utils.reproduce", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", choices=sorted(planned.BUDGETS), default="cpu")
+    parser.add_argument("--seeds", default=",".join(map(str, planned.SEEDS)),
+                        help="comma-separated; the first also seeds the paper group (cpu, smoke) and the priors")
+    parser.add_argument("--only", default="", help="comma-separated groups: paper, ablation, downstream")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and each experiment's state only")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="rebuild RESULTS/results.md and its figures from RESULTS alone; run nothing")
+    parser.add_argument("--outputs", type=Path, default=ROOT / "outputs")
+    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results")
+    parser.add_argument("--dataset", default="pokemon", help="'pokemon' or a prepared data folder")
+    parser.add_argument("--fid-weights", type=Path, default=None, metavar="PATH",
+                        help="FID Inception weights (default: as python -m utils.fid)")
+    parser.add_argument("--fid-dims", type=int, default=DEFAULT_FID[1], choices=(64, 192, 768, 2048))
+    parser.add_argument("--no-fid", action="store_true",
+                        help="compute no FID of reconstructions (a prior still scores its samples, as its script does)")
+    args = parser.parse_args(argv)
+    args.outputs, args.results = args.outputs.resolve(), args.results.resolve()
+    if args.dataset != "pokemon":
+        args.dataset = str(Path(args.dataset).resolve())
+    try:
+        args.seeds = [int(seed) for seed in args.seeds.split(",")]
+    except ValueError:
+        parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds repeats a seed: {args.seeds}")
+    args.only = [group for group in args.only.split(",") if group]
+    return args
+
+
+def reproduce(args):
+    """Run what is not finished; returns the exit status."""
+    if args.tables_only:
+        print(f"wrote {write_results(args.results)}")
+        return 0
+    if args.fid_weights is not None:
+        resolve_fid_weights(args.fid_weights)
+    entries = selected(planned.plan(args.budget, args.seeds, script_defaults), args.only)
+    states = {e["name"]: state(e, args) for e in entries}
+    total = sum(e["estimate_minutes"] or 0 for e in entries if states[e["name"]] != "done")
+    print(f"{len(entries)} experiments at the {args.budget} budget, seeds {','.join(map(str, args.seeds))}"
+          + (f"; about {total / 60:.1f} h to run on an idle 2-core CPU" if total else ""))
+    for number, entry in enumerate(entries, 1):
+        status = states[entry["name"]]
+        print(f"[{number}/{len(entries)}] {describe(entry, status)}", flush=True)
+        if args.dry_run:
+            continue
+        if status != "done":
+            code = run_one(entry, status, args)
+            if code:
+                return code
+        finish(entry, args)
+    if args.dry_run:
+        return 0
+    print(f"wrote {write_results(args.results)}")
+    return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        return reproduce(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
