@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.conftest import train
+from tests.conftest import exit_status, train
 from utils.errors import UserError
 from utils.plots import save_png
 from utils.report import (HEADER, PRIOR_HEADER, load_experiments, main, prior_table, report_table,
@@ -106,7 +106,7 @@ def test_no_experiments_is_a_user_error_and_exit_2(tmp_path, capsys, make):
     folder = make(tmp_path)
     with pytest.raises(UserError, match="train a model first"):
         report_table(folder)
-    assert main(["--outputs", str(folder)]) == 2
+    assert exit_status(main, ["--outputs", str(folder)]) == 2
     assert str(folder) in capsys.readouterr().err
     assert not (folder / "report.md").exists()
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from utils.errors import UserError
+from utils.errors import UserError, exit_on_user_error
 from utils.io import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -528,16 +528,14 @@ def main(argv=None):
         rotations = tuple(int(a) for a in args.rotations.split(",") if a.strip())
     except ValueError:
         parser.error(f"--rotations takes whole degrees, got {args.rotations!r}")
-    try:
+
+    def run():
         options = PrepareOptions(args.image_size, args.seed, args.val_fraction, args.test_fraction,
                                  tuple(b.strip() for b in args.backgrounds.split(",") if b.strip()),
                                  args.train_noise_backgrounds, not args.no_flip, rotations)
-        manifest = prepare(args.source, args.out, options, force=args.force)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(_summary(manifest))
-    return 0
+        print(_summary(prepare(args.source, args.out, options, force=args.force)))
+        return 0
+    return exit_on_user_error(run)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from torch.nn.functional import adaptive_avg_pool2d
 from tqdm import tqdm
 
 from utils.device import choose_device
-from utils.errors import UserError
+from utils.errors import UserError, exit_on_user_error, first_sentence
 from utils.io import atomic_path, write_json
 from utils.metrics import load_rgb, size_text
 
@@ -76,7 +76,7 @@ def load_fid_inception(weights=None, dims=2048, device="cpu"):
         with mock.patch.object(inception, "load_state_dict_from_url", lambda *_, **__: state_dict):
             model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[dims]])
     except Exception as e:  # a truncated file, a pickle, another network's weights
-        reason = " ".join(str(e).split())[:300]
+        reason = first_sentence(e)
         raise UserError(f"cannot load {path} as pytorch-fid's FID Inception weights: {reason}") from None
     return model.to(device).eval()
 
@@ -261,7 +261,8 @@ def _print_warning(message, *_):
 
 def main(argv=None):
     args = _parse_args(argv)
-    try:
+
+    def run():
         with warnings.catch_warnings():
             # One line each, like our errors: the small-sample warning, and SciPy's when a
             # covariance is singular.
@@ -287,10 +288,8 @@ def main(argv=None):
                 "path1": str(args.paths[0]), "images1": stats[0].count,
                 "path2": str(args.paths[1]), "images2": stats[1].count})
             print(f"saved {args.json}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+    return exit_on_user_error(run)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from skimage.metrics import structural_similarity
 
-from utils.errors import UserError
+from utils.errors import UserError, exit_on_user_error
 from utils.io import write_json
 
 # Reported for identical images, whose PSNR is infinite. No other 8-bit image pair up to 226x226
@@ -230,22 +230,21 @@ def _parse_args(argv):
 
 def main(argv=None):
     args = _parse_args(argv)
-    try:
+
+    def run():
         ref, out = load_pairs(args.ref_dir, args.out_dir)
         metrics = {"images": len(ref), **image_metrics(ref, out)}
         out_dir = args.out_dir.resolve()
         json_path = args.json or out_dir.parent / f"metrics_{out_dir.name}.json"
         write_json(json_path, {"ref_dir": str(args.ref_dir), "out_dir": str(args.out_dir),
                                **metrics})
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    width = max(map(len, metrics))
-    for key, value in metrics.items():
-        print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else
-              f"{key:<{width}}  {value}")
-    print(f"saved {json_path}")
-    return 0
+        width = max(map(len, metrics))
+        for key, value in metrics.items():
+            print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else
+                  f"{key:<{width}}  {value}")
+        print(f"saved {json_path}")
+        return 0
+    return exit_on_user_error(run)
 
 
 if __name__ == "__main__":

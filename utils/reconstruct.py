@@ -16,7 +16,7 @@ import torch
 
 from utils import data
 from utils.device import choose_device
-from utils.errors import UserError
+from utils.errors import UserError, exit_on_user_error
 from utils.images import from_batch, to_batch
 from utils.plots import save_png
 from utils.train import ROOT, load_model
@@ -66,7 +66,8 @@ def main(argv=None):
     parser.add_argument("--background", choices=sorted(data.BACKGROUND_COLOURS), default="white")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    try:
+
+    def run():
         device = choose_device(args.device)
         model, _, config = load_model(experiment_dir(args.experiment), device)
         names, images = read_sprites(args.in_dir, config["image_size"], args.background)
@@ -74,11 +75,9 @@ def main(argv=None):
         for name, given, rebuilt in zip(names, images, reconstruct(model, images, device)):
             save_png(given, out / "inputs" / name)
             save_png(rebuilt, out / "reconstructions" / name)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"{len(names)} sprites reconstructed into {out}")
-    return 0
+        print(f"{len(names)} sprites reconstructed into {out}")
+        return 0
+    return exit_on_user_error(run)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from urllib.parse import quote
 import numpy as np
 
 from utils.data import DATA, ROOT
-from utils.errors import UserError
+from utils.errors import UserError, exit_on_user_error
 from utils.io import atomic_path
 
 # The experiment each training script writes by default, in the paper's order.
@@ -212,13 +212,12 @@ def main(argv=None):
     parser.add_argument("--outputs", type=Path, default=ROOT / "outputs",
                         help="folder of experiments (default: outputs/ of this repository)")
     args = parser.parse_args(argv)
-    try:
+
+    def run():
         print(write_report(args.outputs))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.outputs / 'report.md'}")
-    return 0
+        print(f"wrote {args.outputs / 'report.md'}")
+        return 0
+    return exit_on_user_error(run)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from utils.config import parse_config, print_config, save_config
 from utils.distributed import (agreed, barrier, batch_shares, data_parallel, earliest_over_ranks,
                                gathered_on_first_rank, is_first_rank, process_device, process_group,
                                same_buffers_as_first_rank, summed_over_ranks, world_size)
-from utils.errors import UserError
+from utils.errors import UserError, exit_on_user_error, first_sentence
 from utils.fusions import write_fusions
 from utils.io import atomic_path, remove_temp_files, write_json
 from utils.losses import loss_terms
@@ -70,9 +70,6 @@ def batches(sprites, batch_size, device, order):
     for start in range(0, len(order), batch_size):
         index = order[start:start + batch_size]
         yield to_batch(sprites.images[index], device), index
-
-
-PRECISIONS = ("fp32", "bf16")
 
 
 def training_precision(config, device, training):
@@ -181,10 +178,8 @@ def load_checkpoint(path):
         # torch's own message advises weights_only=False, which would run whatever the file holds.
         raise UserError(f"checkpoint {path} cannot be loaded safely: it holds Python objects other than "
                         "tensors and plain data, and is refused without running them") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
-        # The first sentence says what is wrong; torch's following ones speculate why.
-        reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"checkpoint {path} cannot be loaded safely: {reason}") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise UserError(f"checkpoint {path} cannot be loaded safely: {first_sentence(err)}") from None
 
 
 def load_training_checkpoint(path, config, model_type):
@@ -355,12 +350,10 @@ def train(model_type, config, device):
     """Train, evaluate and write every output of one experiment; returns its metrics on rank 0,
     None on the other ranks (see utils/distributed.py)."""
     print_config(config)
-    if config.get("precision", "fp32") not in PRECISIONS:
-        raise UserError(f"precision {config['precision']!r} is not one of {', '.join(PRECISIONS)}")
     if config.get("precision") == "bf16" and device.type == "cpu" and not cpu_has_bfloat16() and is_first_rank():
         print("warning: this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX), so precision 'bf16' "
               "runs its matrix products in slow scalar code, far slower than 'fp32'", file=sys.stderr)
-    out = (ROOT / config["output_dir"] / config["experiment_name"]).resolve()
+    out = experiment_folder(config)
     checkpoint_path = out / "checkpoint.pt"
     # Rank 0 alone checks the folder and prepares the data; the others read what it made.
     resume_path, data_dir = agreed(lambda: (prepare_output_dir(out, config), data.resolve_dataset(
@@ -435,19 +428,24 @@ def train(model_type, config, device):
     return metrics
 
 
+def experiment_folder(config):
+    return (ROOT / config["output_dir"] / config["experiment_name"]).resolve()
+
+
+def interrupted_message(config):
+    return (f"{experiment_folder(config) / 'checkpoint.pt'} holds every finished epoch, intact; "
+            "run the same command with --resume=True to continue")
+
+
 def run_experiment(model_type, defaults, argv):
     """Entry point of the training scripts, run alone or by torchrun: a user's mistake ends every
-    process, with one line from rank 0 and no traceback."""
+    process, with one line from rank 0 and no traceback; so does Ctrl-C."""
     with process_group():
-        try:
-            config = parse_config(defaults, argv)
-            metrics = train(model_type, config, process_device(config["device"]))
-        except UserError as err:
-            if is_first_rank():
-                print(f"error: {err}", file=sys.stderr)
-            # Every rank meets a mistake at the same point (see utils.distributed.agreed); the others
-            # wait for rank 0 to say it, for torchrun stops all processes once one has ended.
-            barrier()
-            sys.exit(2)
+        # Every rank meets a mistake at the same point (see utils.distributed.agreed); the others
+        # wait for rank 0 to say it, for torchrun stops all processes once one has ended.
+        ending = dict(say=is_first_rank(), before_exit=barrier)
+        config = exit_on_user_error(lambda: parse_config(defaults, argv), **ending)
+        metrics = exit_on_user_error(lambda: train(model_type, config, process_device(config["device"])),
+                                     interrupted=interrupted_message(config), **ending)
         barrier()  # the other ranks end when rank 0 has written the outputs
         return metrics
