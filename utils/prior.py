@@ -20,9 +20,9 @@ from utils.fid import fid, fid_weights_path
 from utils.images import from_batch
 from utils.io import atomic_path, write_json
 from utils.plots import image_grid, save_png, upscale_nearest
-from utils.train import (LOG_EVERY, ROOT, TrainingDiverged, batches, experiment_folder, interrupted_message,
-                         load_model, load_splits, make_optimizer, prepare_output_dir, resume_from, save_checkpoint,
-                         seed_everything, start_output_dir, training_subset, write_model_and_history)
+from utils.train import (LOG_EVERY, ROOT, TrainingDiverged, batches, experiment_folder, experiment_lock,
+                         interrupted_message, load_model, load_splits, make_optimizer, prepare_output_dir, resume_from,
+                         save_checkpoint, seed_everything, start_output_dir, training_subset, write_model_and_history)
 
 MODEL_TYPE = "pixelcnn"
 CODES_FILE = "codes.npz"
@@ -267,4 +267,8 @@ def train_prior(config):
 def run_prior(defaults, argv):
     """Entry point of train_pixelcnn.py: a user's mistake ends in one line, not a traceback."""
     config = exit_on_user_error(lambda: parse_config(defaults, argv))
-    return exit_on_user_error(lambda: train_prior(config), interrupted=interrupted_message(config))
+
+    def locked():
+        with experiment_lock(experiment_folder(config)):
+            return train_prior(config)
+    return exit_on_user_error(locked, interrupted=interrupted_message(config))

@@ -24,7 +24,7 @@ from utils.distributed import (agreed, barrier, batch_shares, data_parallel, ear
                                same_buffers_as_first_rank, summed_over_ranks, world_size)
 from utils.errors import UserError, exit_on_user_error, first_sentence
 from utils.fusions import write_fusions
-from utils.io import atomic_path, remove_temp_files, write_json
+from utils.io import TEMP_SUFFIX, atomic_path, exclusive_lock, remove_temp_files, write_json
 from utils.losses import loss_terms
 from utils.images import from_batch, to_batch
 from utils.metrics import codebook_stats, image_metrics
@@ -33,6 +33,8 @@ from utils.plots import image_grid, plot_codebook_usage, plot_losses, save_gif, 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_COUNT = 8  # validation sprites shown in samples.gif
 LOG_EVERY = 10  # steps between progress-bar updates; each one reads the loss back from the device
+# Left in a folder by start_output_dir: only a folder holding it is an experiment to resume or replace.
+EXPERIMENT_MARK = ".experiment"
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "config", "model_type", "rng")
 
 
@@ -216,10 +218,12 @@ def resume_from(path, model, optimizer, config, model_type):
 
 
 def start_output_dir(out, config, resumed):
-    """Save the config; --overwrite deletes the old experiment only now, once the new run's data
-    and model have been checked."""
-    if not resumed and config["overwrite"] and out.exists():
+    """Mark the folder as an experiment and save the config; --overwrite deletes the old
+    experiment only now, once the new run's config, data and model have been checked."""
+    if not resumed and config["overwrite"] and (out / EXPERIMENT_MARK).exists():
         shutil.rmtree(out)
+    write_json(out / EXPERIMENT_MARK, {"made_by": "utils/train.py", "meaning": (
+        "this folder is an experiment: --resume=True continues it, --overwrite=True replaces it")})
     save_config(config, out / "config.json")
 
 
@@ -227,19 +231,27 @@ def prepare_output_dir(out, config):
     """Refuse to mix two runs in one folder, and clear what a killed run left half-written.
 
     Returns the checkpoint to resume from, or None to start at epoch 1. Nothing is deleted here
-    for --overwrite: that waits until the data and model are known to be good."""
+    for --overwrite: that waits until the data and model are known to be good. Only a folder with
+    the mark that start_output_dir leaves counts as an experiment: anything else, a user's own
+    config.json included, is never written into or deleted."""
     checkpoint = out / "checkpoint.pt"
-    experiment = (out / "config.json").exists() or checkpoint.exists()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not an experiment folder; choose another --experiment_name")
+    experiment = (out / EXPERIMENT_MARK).exists()
+    others = sorted(p.name for p in out.iterdir() if not p.name.endswith(TEMP_SUFFIX)) if out.is_dir() else []
+    if others and not experiment:
+        if "config.json" in others:
+            raise UserError(f"{out} holds a config.json but no {EXPERIMENT_MARK}, the mark of a folder this "
+                            "project's training made, so it is left alone; choose another --experiment_name or "
+                            f"--output_dir (an experiment made before the mark existed: create an empty "
+                            f"{EXPERIMENT_MARK} in it)")
+        raise UserError(f"{out} holds {len(others)} file(s) that are not an experiment's, such as {others[0]}; "
+                        "choose another --experiment_name or --output_dir")
     if config["resume"] and not experiment:
-        raise UserError(f"nothing to resume in {out}: it holds no checkpoint.pt or config.json; "
-                        "start without --resume")
+        raise UserError(f"nothing to resume in {out}: it holds no experiment; start without --resume")
     if not config["resume"] and experiment and not config["overwrite"]:
         raise UserError(f"{out} already holds an experiment; continue it with --resume=True, "
                         "replace it with --overwrite=True, or choose another --experiment_name")
-    others = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
-    if others and not experiment:
-        raise UserError(f"{out} holds {len(others)} file(s) that are not an experiment's, such as {others[0]}; "
-                        "choose another --experiment_name or --output_dir")
     leftovers = remove_temp_files(out)
     if leftovers:
         print(f"removed {len(leftovers)} half-written file(s) left by an interrupted run: "
@@ -250,6 +262,12 @@ def prepare_output_dir(out, config):
         print(f"{out} holds no complete checkpoint (the run stopped during its first epoch); starting at epoch 1")
         return None
     return checkpoint
+
+
+def experiment_lock(out):
+    """Held by a run for its whole length, beside its folder (which --overwrite deletes), so
+    that a second run on the same experiment is refused instead of mixing its files in."""
+    return exclusive_lock(out.parent / f".{out.name}.lock", f"experiment {out.name}")
 
 
 def pick_samples(sprites, seed, count=SAMPLE_COUNT):
@@ -349,6 +367,14 @@ def training_subset(train_set, max_images, seed):
 def train(model_type, config, device):
     """Train, evaluate and write every output of one experiment; returns its metrics on rank 0,
     None on the other ranks (see utils/distributed.py)."""
+    if not is_first_rank():
+        return train_unlocked(model_type, config, device)
+    with experiment_lock(experiment_folder(config)):
+        return train_unlocked(model_type, config, device)
+
+
+def train_unlocked(model_type, config, device):
+    """`train` once rank 0 holds the experiment's lock."""
     print_config(config)
     if config.get("precision") == "bf16" and device.type == "cpu" and not cpu_has_bfloat16() and is_first_rank():
         print("warning: this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX), so precision 'bf16' "
