@@ -14,7 +14,7 @@ import torch
 
 from tests.conftest import ROOT, files, refusal, train, train_command
 from tests.sprites import write_species_folders
-from utils.data import DATA
+from utils.data import prepared_folder
 
 SCRIPT = "train_vae.py"
 STEPS_PER_EPOCH = 6
@@ -134,7 +134,7 @@ def test_a_source_folder_of_only_unreadable_files_is_refused_naming_each(tmp_pat
     said = ["skipped a/empty.png: empty file", "skipped b/truncated.png: unreadable image (",
             "skipped c/corrupt.png: unreadable image (", "skipped d/notes.txt: not an image"]
     assert len(skipped) == len(said) and all(line.startswith(s) for line, s in zip(skipped, said))
-    assert not (DATA / source.name).exists() and not (tmp_path / "run").exists()
+    assert not prepared_folder(str(source)).exists() and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("case", ["empty", "missing"])

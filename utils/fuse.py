@@ -25,7 +25,7 @@ def prepared(path, size, background):
     if not path.is_file():
         raise UserError(f"{path} is not a file")
     try:
-        return data.sprite_image(path.read_bytes(), size, background)[0]
+        return data.sprite_image(path, size, background)[0]
     except data.SkipImage as why:
         raise UserError(f"{path} cannot be used: {why}") from None
 

@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from skimage.metrics import structural_similarity
 
+from utils.data import SkipImage, read_image_file
 from utils.errors import UserError, exit_on_user_error
 from utils.io import write_json
 
@@ -185,11 +185,11 @@ def _paired_names(ref_dir, out_dir):
 
 
 def load_rgb(path):
+    """The RGB colours of an image file, through the data pipeline's one guarded loader."""
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e}") from e
+        return np.ascontiguousarray(read_image_file(path)[..., :3])
+    except SkipImage as why:
+        raise UserError(f"cannot read {path}: {why}") from None
 
 
 def size_text(image):

@@ -38,7 +38,7 @@ def read_sprites(folder, size, background, log=print):
     names, images = [], []
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         try:
-            image, _ = data.sprite_image(path.read_bytes(), size, background)
+            image, _ = data.sprite_image(path, size, background)
         except data.SkipImage as why:
             log(f"skipped {path.name}: {why}")
             continue
