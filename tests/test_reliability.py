@@ -248,3 +248,45 @@ def test_two_runs_started_together_on_one_experiment_leave_one_runs_outputs(tmp_
     assert "is in use by another run" in loser_said or "already holds an experiment" in loser_said
     saved = torch.load(tmp_path / "run/model.pt", weights_only=True)["config"]
     assert json.loads((tmp_path / "run/config.json").read_text())["seed"] == saved["seed"] == winner
+
+
+def test_ctrl_c_mid_epoch_is_one_line_and_the_checkpoint_resumes_exactly(tmp_path, tiny_data, uninterrupted):
+    stopped = run(tmp_path, tiny_data, fail_at=f"interrupt:step:{STEPS_PER_EPOCH + 3}")
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        f"interrupted: {(tmp_path / 'run/checkpoint.pt').resolve()} holds every finished epoch, intact; "
+        "run the same command with --resume=True to continue")
+    assert torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)["epoch"] == 0
+    resumed = run(tmp_path, tiny_data, "--resume=True")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_results(tmp_path / "run", uninterrupted)
+
+
+def test_resume_with_another_dataset_or_seed_is_refused_naming_them(experiment, tiny_data, tmp_path):
+    before = files(experiment)
+    other = tmp_path / "other_data"
+    shutil.copytree(tiny_data, other)
+    line = refusal(run(experiment.parent, other, "--resume=True", "--seed=7"))
+    assert line == (f"error: checkpoint {(experiment / 'checkpoint.pt').resolve()} was trained on other data: "
+                    f"dataset (checkpoint {str(tiny_data)!r}, config {str(other)!r}), seed (checkpoint 42, config 7); "
+                    "start a new experiment for them")
+    assert files(experiment) == before
+
+
+def test_a_learning_rate_changed_on_resume_is_recorded_per_epoch(tmp_path, tiny_data):
+    assert run(tmp_path, tiny_data, "--epochs=1").returncode == 0
+    resumed = run(tmp_path, tiny_data, "--epochs=2", "--resume=True", "--learning_rate=0.001")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "learning_rate is 0.001 from epoch 2 on (it was 0.003)" in resumed.stdout
+    history = json.loads((tmp_path / "run/history.json").read_text())
+    assert [row["learning_rate"] for row in history] == [0.003, 0.001]
+
+
+def test_a_resume_with_fewer_fusions_leaves_only_its_own(tmp_path, tiny_data):
+    assert run(tmp_path, tiny_data, "--epochs=1", "--num_fusions=2").returncode == 0
+    resumed = run(tmp_path, tiny_data, "--epochs=1", "--resume=True", "--num_fusions=1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    pairs = json.loads((tmp_path / "run/fusions/pairs.json").read_text())
+    folders = sorted(p.name for p in (tmp_path / "run/fusions").iterdir() if p.is_dir())
+    assert len(pairs) == 1 and len(folders) == 1 and folders[0].startswith("00_")

@@ -171,3 +171,33 @@ def test_worst_window_finds_the_block_of_largest_error_even_in_a_corner():
     error[12:, 12:] = 2.0
     assert worst_window(error, 4) == (12, 12)
     assert worst_window(error, 16) == (0, 0)
+
+
+DAMAGE = {  # file, what is written into it, what the line names
+    "config_not_json": ("config.json", b"{oops", "is not valid JSON"),
+    "config_a_list": ("config.json", b"[1, 2]", "holds a list, not a JSON object"),
+    "config_not_utf8": ("config.json", b"\xff\xfe{}", "is not valid JSON"),
+    "metrics_a_string": ("metrics.json", b'"done"', "holds a str, not a JSON object"),
+    "metrics_lacking_mse": ("metrics.json", None, "lacks or mangles 'mse'"),
+    "metrics_mse_text": ("metrics.json", "mse", "lacks or mangles 'mse'"),
+    "history_an_object": ("history.json", b'{"epoch": 1}', "holds a dict, not a JSON list"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_hand_damaged_experiment_file_is_one_line_naming_it(tmp_path, outputs, capsys, damage):
+    name, written, said = DAMAGE[damage]
+    folder = tmp_path / "outputs"
+    shutil.copytree(outputs / "vae", folder / "vae")
+    path = folder / "vae" / name
+    if not isinstance(written, bytes):
+        metrics = json.loads(path.read_text())
+        if written is None:
+            del metrics["mse"]
+        else:
+            metrics[written] = "small"
+        written = json.dumps(metrics).encode()
+    path.write_bytes(written)
+    assert exit_status(main, ["--outputs", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {path} ") and said in err[0], err

@@ -68,3 +68,14 @@ def test_fuse_refuses_a_file_that_is_not_a_sprite(tiny_experiment, own_sprites, 
     assert exit_status(fuse.main, [str(tiny_experiment), str(own_sprites / "knight.png"), str(own_sprites / "notes.txt"),
                                    str(tmp_path / "fused")]) == 2
     assert "notes.txt cannot be used: not an image" in capsys.readouterr().err
+
+
+def test_reconstruct_refuses_two_sprites_that_would_be_written_under_one_name(tiny_experiment, tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    Image.fromarray(sprite_rgba(1), "RGBA").save(folder / "a.png")
+    Image.fromarray(sprite_rgba(2), "RGBA").save(folder / "a.gif")
+    assert exit_status(reconstruct.main, [str(tiny_experiment), str(folder), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: a.gif and a.png in {folder} would both be written as a.png; rename one of them"]
+    assert not (tmp_path / "out").exists()

@@ -35,18 +35,22 @@ def read_sprites(folder, size, background, log=print):
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder of sprites")
-    names, images = [], []
+    images, written_from = [], {}
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         try:
             image, _ = data.sprite_image(path, size, background)
         except data.SkipImage as why:
             log(f"skipped {path.name}: {why}")
             continue
-        names.append(path.stem + ".png")
+        name = path.stem + ".png"
+        if name in written_from:
+            raise UserError(f"{written_from[name]} and {path.name} in {folder} would both be written as {name}; "
+                            "rename one of them")
+        written_from[name] = path.name
         images.append(image)
     if not images:
         raise UserError(f"no usable sprite in {folder}")
-    return names, np.stack(images)
+    return list(written_from), np.stack(images)
 
 
 def reconstruct(model, images, device):

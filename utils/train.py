@@ -320,9 +320,16 @@ def load_model(experiment, device):
         raise UserError(f"{path} does not exist; train the experiment first, or name another folder")
     saved = load_checkpoint(path)
     try:
+        if not isinstance(saved, dict):
+            raise ValueError(f"it holds a {type(saved).__name__}, not the dict that training saves")
+        missing = [key for key in ("model", "config", "model_type") if key not in saved]
+        if missing:
+            raise ValueError(f"it lacks {', '.join(missing)}")
+        if "image_size" not in saved["config"]:
+            raise ValueError("its config lacks image_size")
         model = build_model(saved["model_type"], saved["config"])
         model.load_state_dict(saved["model"])
-    except (KeyError, ValueError, RuntimeError) as err:
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:
         raise UserError(f"{path} does not hold a model this code can rebuild: {str(err).splitlines()[0]}") from None
     return model.to(device, memory_format=torch.channels_last).eval(), saved["model_type"], saved["config"]
 
