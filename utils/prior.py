@@ -236,7 +236,8 @@ def train_prior(config):
         seconds = time.perf_counter() - started
         val_bits = run_prior_epoch(model, grids["val"], config, device, epoch)
         history.append({"epoch": epoch + 1, "train_seconds": seconds, "train_grids": len(grids["train"]),
-                        "train_bits_per_code": train_bits, "val_bits_per_code": val_bits})
+                        "learning_rate": config["learning_rate"], "train_bits_per_code": train_bits,
+                        "val_bits_per_code": val_bits})
         save_checkpoint(checkpoint_path, model, optimizer, epoch, history, model_config, MODEL_TYPE)
         print(f"epoch {epoch + 1}/{config['epochs']}: train {train_bits:.4f} bits/code, "
               f"val {val_bits:.4f} bits/code, {len(grids['train']) / seconds:.1f} grids/s")

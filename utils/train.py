@@ -35,6 +35,7 @@ SAMPLE_COUNT = 8  # validation sprites shown in samples.gif
 LOG_EVERY = 10  # steps between progress-bar updates; each one reads the loss back from the device
 # Left in a folder by start_output_dir: only a folder holding it is an experiment to resume or replace.
 EXPERIMENT_MARK = ".experiment"
+RESUME_KEYS = ("dataset", "seed")  # besides the architecture, what a resumed run must share
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "config", "model_type", "rng")
 
 
@@ -199,6 +200,12 @@ def load_training_checkpoint(path, config, model_type):
     if differ:
         listed = ", ".join(f"{k} (checkpoint {a!r}, config {b!r})" for k, (a, b) in differ.items())
         raise UserError(f"checkpoint {path} was made with a different architecture: {listed}")
+    # Another data set or seed would continue the weights on other data, in another order.
+    differ = {key: (saved["config"].get(key), config.get(key)) for key in RESUME_KEYS
+              if saved["config"].get(key) != config.get(key)}
+    if differ:
+        listed = ", ".join(f"{k} (checkpoint {a!r}, config {b!r})" for k, (a, b) in differ.items())
+        raise UserError(f"checkpoint {path} was trained on other data: {listed}; start a new experiment for them")
     return saved
 
 
@@ -210,8 +217,14 @@ def resume_from(path, model, optimizer, config, model_type):
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     for group in optimizer.param_groups:
-        # The config's rate, not the checkpoint's, so that a diverged run can resume slower.
+        # The config's rate, not the checkpoint's, so that a diverged run can resume slower;
+        # history.json records each epoch's rate.
         group["lr"] = config["learning_rate"]
+    for row in saved["history"]:  # a checkpoint from before the rate was recorded
+        row.setdefault("learning_rate", saved["config"]["learning_rate"])
+    if saved["history"] and saved["history"][-1]["learning_rate"] != config["learning_rate"]:
+        print(f"learning_rate is {config['learning_rate']} from epoch {saved['epoch'] + 2} on "
+              f"(it was {saved['history'][-1]['learning_rate']})")
     set_rng_state(saved["rng"])
     print(f"resumed {path} after epoch {saved['epoch'] + 1}")
     return saved
@@ -416,7 +429,8 @@ def train_unlocked(model_type, config, device):
         seconds = time.perf_counter() - started
         same_buffers_as_first_rank(model)
         val_terms, val_codes, _ = run_epoch(model, model_type, val_set, config, device, epoch)
-        row = {"epoch": epoch + 1, "train_seconds": seconds, "train_images": len(train_set)}
+        row = {"epoch": epoch + 1, "train_seconds": seconds, "train_images": len(train_set),
+               "learning_rate": config["learning_rate"]}
         row.update({f"train_{k}": v for k, v in train_terms.items()})
         row.update({f"val_{k}": v for k, v in val_terms.items()})
         if val_codes is not None:
