@@ -119,3 +119,12 @@ def test_a_device_this_machine_lacks_is_refused(script, tmp_path, capsys, tiny_d
     monkeypatch.setattr("torch.backends.mps.is_available", lambda: False)
     line = assert_refused(script, [f"--dataset={tiny_data}", "--image_size=16", "--device=mps"], tmp_path, capsys)
     assert line == "error: device 'mps' was asked for, but this PyTorch has no MPS (Apple GPU) support here"
+
+
+def test_a_nan_in_a_config_file_is_refused_before_training_not_blamed_on_the_learning_rate(tmp_path, capsys,
+                                                                                            tiny_data):
+    (tmp_path / "run.json").write_text('{"kl_weight": NaN}')
+    out = tmp_path / "outputs"
+    status = run_script("train_vae.py", [str(tmp_path / "run.json"), f"--output_dir={out}", f"--dataset={tiny_data}"])
+    line = capsys.readouterr().err.strip()
+    assert status == 2 and line == "error: --kl_weight must be a finite number, got nan" and not out.exists()

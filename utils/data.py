@@ -659,7 +659,8 @@ def main(argv=None):
     p = sub.add_parser("prepare", help="fetch (if needed), preprocess and split sprites")
     d = PrepareOptions()
     p.add_argument("--source", help="folder or zip of your own sprites (default: the Pokemon box sprites)")
-    p.add_argument("--out", help="output folder (default: data/pokemon or data/<source name>)")
+    p.add_argument("--out", help="output folder, replaced only if empty or prepared here "
+                   "(default: data/pokemon or data/<source name>-<hash of its path>)")
     p.add_argument("--image-size", type=int, default=d.image_size)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)

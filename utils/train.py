@@ -2,6 +2,7 @@
 
 A script is its config block and `run_experiment(model_type, config, sys.argv[1:])`."""
 import collections
+import contextlib
 import pickle
 import random
 import shutil
@@ -387,9 +388,9 @@ def training_subset(train_set, max_images, seed):
 def train(model_type, config, device):
     """Train, evaluate and write every output of one experiment; returns its metrics on rank 0,
     None on the other ranks (see utils/distributed.py)."""
-    if not is_first_rank():
-        return train_unlocked(model_type, config, device)
-    with experiment_lock(experiment_folder(config)):
+    with contextlib.ExitStack() as held:
+        # Rank 0 alone holds the lock; when it cannot, every rank stops with its line.
+        agreed(lambda: held.enter_context(experiment_lock(experiment_folder(config))), first_rank_only=True)
         return train_unlocked(model_type, config, device)
 
 
