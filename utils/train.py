@@ -339,7 +339,8 @@ def load_model(experiment, device):
         missing = [key for key in ("model", "config", "model_type") if key not in saved]
         if missing:
             raise ValueError(f"it lacks {', '.join(missing)}")
-        if "image_size" not in saved["config"]:
+        # The autoencoders' inputs are image_size pixels wide; a prior's are code grids.
+        if saved["model_type"] != "pixelcnn" and "image_size" not in saved["config"]:
             raise ValueError("its config lacks image_size")
         model = build_model(saved["model_type"], saved["config"])
         model.load_state_dict(saved["model"])
