@@ -4,6 +4,7 @@
 
 POINT is one of
   kill:step:N          SIGKILL right after this process's Nth optimiser step
+  interrupt:step:N     SIGINT (Ctrl-C) right after this process's Nth optimiser step
   kill:save:NAME:N     SIGKILL halfway through the bytes of the Nth torch.save into NAME
   kill:rename:NAME:N   SIGKILL once the Nth NAME is fully written, before its rename into place
   full:save:NAME:N     the disk fills up halfway through the bytes of the Nth torch.save into NAME
@@ -85,15 +86,17 @@ def kill_before_rename(name, count):
     os.replace = killing_replace
 
 
-def kill_after_step(count):
+def signal_after_step(count, signum):
     is_nth = nth(count)
-    register_optimizer_step_post_hook(lambda *_: is_nth() and die())
+    register_optimizer_step_post_hook(lambda *_: is_nth() and os.kill(os.getpid(), signum))
 
 
 def install(point):
     kind, where, *rest = point.split(":")
     if (kind, where) == ("kill", "step"):
-        kill_after_step(int(rest[0]))
+        signal_after_step(int(rest[0]), signal.SIGKILL)
+    elif (kind, where) == ("interrupt", "step"):
+        signal_after_step(int(rest[0]), signal.SIGINT)
     elif (kind, where) == ("kill", "save"):
         fail_in_save(rest[0], int(rest[1]), die)
     elif (kind, where) == ("kill", "rename"):

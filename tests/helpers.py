@@ -44,6 +44,14 @@ def refusal(done):
     return done.stderr.strip().splitlines()[-1]
 
 
+def exit_status(main, argv):
+    """The exit status of a command-line `main`, whether it returns it or exits with it."""
+    try:
+        return main(argv)
+    except SystemExit as end:
+        return end.code
+
+
 def files(folder):
     """Every file under `folder` and its bytes, to show that nothing in it changed."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

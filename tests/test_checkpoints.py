@@ -40,3 +40,35 @@ def test_a_model_file_without_a_rebuildable_model_is_a_clear_error(tmp_path):
     torch.save({"model": {}, "config": {}, "model_type": "gan"}, tmp_path / "model.pt")
     with pytest.raises(UserError, match="does not hold a model this code can rebuild"):
         load_model(tmp_path, "cpu")
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    """The bytes of a real model.pt (a tiny VAE with its config)."""
+    from models import build_model
+    config = {"num_layers": 2, "max_filters": 16, "latent_dim": 8, "image_size": 16}
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    torch.save({"model": build_model("vae", config).state_dict(), "config": config, "model_type": "vae"}, path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("share", [0.1, 0.3, 0.5])
+def test_a_model_file_cut_short_anywhere_is_a_clear_error(tmp_path, model_file, share):
+    (tmp_path / "model.pt").write_bytes(model_file[:int(len(model_file) * share)])
+    with pytest.raises(UserError, match=f"checkpoint {tmp_path / 'model.pt'} cannot be loaded safely: "):
+        load_model(tmp_path, "cpu")
+
+
+@pytest.mark.parametrize("held", [[1, 2, 3], "a string", {"model": {}, "model_type": "vae"}])
+def test_a_model_file_holding_something_else_is_a_clear_error(tmp_path, held):
+    torch.save(held, tmp_path / "model.pt")
+    with pytest.raises(UserError, match=f"^{tmp_path / 'model.pt'} does not hold a model this code can rebuild: "):
+        load_model(tmp_path, "cpu")
+
+
+def test_a_model_file_whose_config_lacks_the_image_size_is_a_clear_error(tmp_path, model_file):
+    saved = torch.load(__import__("io").BytesIO(model_file), weights_only=True)
+    del saved["config"]["image_size"]
+    torch.save(saved, tmp_path / "model.pt")
+    with pytest.raises(UserError, match="does not hold a model this code can rebuild: its config lacks image_size"):
+        load_model(tmp_path, "cpu")

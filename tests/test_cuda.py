@@ -14,7 +14,7 @@ import torch
 
 from bench.gpu_check import lists_key
 from models import VectorQuantizerEMA, build_model
-from tests.conftest import train
+from tests.helpers import train
 from tests.sprites import sprite_rgba
 from utils.losses import loss_terms
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import exit_status
 from tests.sprites import sprite_rgba, write_species_folders
 from utils import data
 from utils.data import PrepareOptions, load_split, prepare
@@ -301,7 +302,7 @@ def test_a_damaged_manifest_is_a_clear_error(tmp_path, source, damage):
 
 
 def test_the_command_line_reports_a_bad_source_in_one_line(tmp_path, capsys):
-    assert data.main(["prepare", "--source", str(tmp_path / "nowhere")]) == 2
+    assert exit_status(data.main, ["prepare", "--source", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nowhere" in err[0] and err[0].startswith("error:")
 

@@ -13,6 +13,7 @@ from pytorch_fid import inception
 from pytorch_fid.fid_score import calculate_fid_given_paths, compute_statistics_of_path
 from pytorch_fid.inception import FID_WEIGHTS_URL
 
+from tests.helpers import exit_status
 from tests.sprites import sprite_rgba
 from utils.errors import UserError
 from utils import fid_weights
@@ -134,7 +135,7 @@ def test_missing_weights_and_wheel_stop_with_one_line_naming_both_ways_out(sprit
         raise URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(inception, "load_state_dict_from_url", offline)
-    assert main([str(sprites), str(sprites)]) == 2
+    assert exit_status(main, [str(sprites), str(sprites)]) == 2
     assert tried == [FID_WEIGHTS_URL]
     err = capsys.readouterr().err
     cached = official_weights_path()

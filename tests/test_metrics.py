@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from skimage.metrics import peak_signal_noise_ratio
 
+from tests.helpers import exit_status
 from tests.sprites import sprite_rgba
 from utils.metrics import (PSNR_CAP_DB, bits_per_sprite, codebook_stats, colours_per_image, exact_pixel_rate,
                            foreign_colour_rate, image_metrics, main, mse, palette_metrics, psnr,
@@ -290,5 +291,5 @@ def test_cli_refuses_images_of_different_sizes(tmp_path, capsys):
     images, _ = sprites_on_white(1)
     write_pngs(tmp_path / "inputs", images, ["a.png"])
     write_pngs(tmp_path / "recon", [np.zeros((20, 20, 3), np.uint8)], ["a.png"])
-    assert main([str(tmp_path / "inputs"), str(tmp_path / "recon")]) == 2
+    assert exit_status(main, [str(tmp_path / "inputs"), str(tmp_path / "recon")]) == 2
     assert "a.png is 16x16" in capsys.readouterr().err

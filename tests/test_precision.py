@@ -26,6 +26,6 @@ def test_a_bfloat16_run_trains_and_differs_from_float32_only_by_rounding(tmp_pat
 def test_an_unknown_precision_is_refused_in_one_line(tmp_path, tiny_data):
     done = train("train_vqvae.py", tmp_path, tiny_data, "--precision=fp16")
     assert done.returncode == 2
-    assert "precision 'fp16' is not one of fp32, bf16" in done.stderr
+    assert "--precision must be one of fp32, bf16, got 'fp16'" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "run").exists()

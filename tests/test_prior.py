@@ -194,5 +194,5 @@ def test_without_fid_weights_the_fid_is_none_with_the_reason(tmp_path):
 
 def test_sampling_settings_are_checked_before_any_training(tmp_path, tiny_data, random_weights, vq_folder):
     done = train_prior(vq_folder, "vq", tiny_data, random_weights, "--temperature=0", name="cold")
-    assert done.returncode == 2 and "temperature must be positive" in done.stderr
+    assert done.returncode == 2 and "--temperature must be above 0, got 0.0" in done.stderr
     assert not (vq_folder / "cold").exists()

@@ -3,16 +3,18 @@
 Every run here is a real training subprocess on tiny settings; tests/fail_at.py kills it, or
 fills its disk, at a chosen point without any hook in the code under test."""
 import json
+import os
 import shutil
 import signal
+import subprocess
 
 import numpy as np
 import pytest
 import torch
 
-from tests.helpers import files, refusal, train
+from tests.helpers import ROOT, files, refusal, train, train_command
 from tests.sprites import write_species_folders
-from utils.data import DATA
+from utils.data import prepared_folder
 
 SCRIPT = "train_vae.py"
 STEPS_PER_EPOCH = 6
@@ -132,7 +134,7 @@ def test_a_source_folder_of_only_unreadable_files_is_refused_naming_each(tmp_pat
     said = ["skipped a/empty.png: empty file", "skipped b/truncated.png: unreadable image (",
             "skipped c/corrupt.png: unreadable image (", "skipped d/notes.txt: not an image"]
     assert len(skipped) == len(said) and all(line.startswith(s) for line, s in zip(skipped, said))
-    assert not (DATA / source.name).exists() and not (tmp_path / "run").exists()
+    assert not prepared_folder(str(source)).exists() and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("case", ["empty", "missing"])
@@ -186,3 +188,105 @@ def test_overwrite_with_a_mistake_in_the_new_config_keeps_the_old_experiment(exp
     done = run(experiment.parent, tiny_data, "--overwrite=True", "--image_size=24")
     assert refusal(done) == f"error: {tiny_data} was prepared at 16x16, but image_size is 24"
     assert files(experiment) == before
+
+
+def test_a_users_folder_holding_a_config_json_is_not_taken_for_an_experiment(tmp_path, tiny_data):
+    mine = {"config.json": b'{"mine": true}', "notes.txt": b"notes", "src/model.py": b"print()"}
+    for name, data in mine.items():
+        (tmp_path / "run" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "run" / name).write_bytes(data)
+    for extra in (["--overwrite=True"], ["--resume=True"]):
+        line = refusal(run(tmp_path, tiny_data, *extra))
+        assert line == (f"error: {(tmp_path / 'run').resolve()} holds a config.json but no .experiment, the mark "
+                        "of a folder this project's training made, so it is left alone; choose another "
+                        "--experiment_name or --output_dir (an experiment made before the mark existed: "
+                        "create an empty .experiment in it)")
+    assert files(tmp_path / "run") == mine
+
+
+def test_a_folder_of_hidden_files_is_not_an_experiment_either(tmp_path, tiny_data):
+    (tmp_path / "run/.git").mkdir(parents=True)
+    (tmp_path / "run/.git/HEAD").write_text("ref: main")
+    line = refusal(run(tmp_path, tiny_data, "--overwrite=True"))
+    assert line.endswith("holds 1 file(s) that are not an experiment's, such as .git; "
+                         "choose another --experiment_name or --output_dir")
+    assert files(tmp_path / "run") == {".git/HEAD": b"ref: main"}
+
+
+@pytest.mark.parametrize("mistake", ["--batch_size=0", "--latent_dim=0", "--seed=-1"])
+def test_overwrite_with_a_config_that_would_fail_keeps_the_old_experiment_whole(experiment, tiny_data, mistake):
+    before = files(experiment)
+    assert refusal(run(experiment.parent, tiny_data, "--overwrite=True", mistake)).startswith(
+        f"error: {mistake.partition('=')[0]} must be")
+    assert files(experiment) == before
+
+
+def test_a_run_on_an_experiment_that_another_run_holds_is_refused_naming_it(tmp_path, tiny_data):
+    from utils.io import exclusive_lock
+    with exclusive_lock(tmp_path / ".run.lock", "experiment run"):
+        line = refusal(run(tmp_path, tiny_data))
+    assert line == (f"error: experiment run is in use by another run (process {os.getpid()}); wait for it "
+                    "to end, or choose another --experiment_name")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_lock_left_by_a_killed_run_does_not_block_the_next(tmp_path, tiny_data):
+    (tmp_path / ".run.lock").write_text("999999999\n")
+    done = run(tmp_path, tiny_data, "--epochs=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (tmp_path / ".run.lock").exists()
+
+
+def test_two_runs_started_together_on_one_experiment_leave_one_runs_outputs(tmp_path, tiny_data):
+    commands = [train_command(SCRIPT, tmp_path, tiny_data, *RUN, "--epochs=1", f"--seed={seed}") for seed in (1, 2)]
+    started = [subprocess.Popen(c, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for c in commands]
+    done = [(p.wait(300), p.stderr.read()) for p in started]
+    assert sorted(status for status, _ in done) == [0, 2], done
+    winner = 1 + [status for status, _ in done].index(0)
+    loser_said = done[2 - winner][1].strip().splitlines()[-1]
+    assert "is in use by another run" in loser_said or "already holds an experiment" in loser_said
+    saved = torch.load(tmp_path / "run/model.pt", weights_only=True)["config"]
+    assert json.loads((tmp_path / "run/config.json").read_text())["seed"] == saved["seed"] == winner
+
+
+def test_ctrl_c_mid_epoch_is_one_line_and_the_checkpoint_resumes_exactly(tmp_path, tiny_data, uninterrupted):
+    stopped = run(tmp_path, tiny_data, fail_at=f"interrupt:step:{STEPS_PER_EPOCH + 3}")
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        f"interrupted: {(tmp_path / 'run/checkpoint.pt').resolve()} holds every finished epoch, intact; "
+        "run the same command with --resume=True to continue")
+    assert torch.load(tmp_path / "run/checkpoint.pt", weights_only=True)["epoch"] == 0
+    resumed = run(tmp_path, tiny_data, "--resume=True")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_results(tmp_path / "run", uninterrupted)
+
+
+def test_resume_with_another_dataset_or_seed_is_refused_naming_them(experiment, tiny_data, tmp_path):
+    before = files(experiment)
+    other = tmp_path / "other_data"
+    shutil.copytree(tiny_data, other)
+    line = refusal(run(experiment.parent, other, "--resume=True", "--seed=7"))
+    assert line == (f"error: checkpoint {(experiment / 'checkpoint.pt').resolve()} was trained on other data: "
+                    f"dataset (checkpoint {str(tiny_data)!r}, config {str(other)!r}), seed (checkpoint 42, config 7); "
+                    "start a new experiment for them")
+    assert files(experiment) == before
+
+
+def test_a_learning_rate_changed_on_resume_is_recorded_per_epoch(tmp_path, tiny_data):
+    assert run(tmp_path, tiny_data, "--epochs=1").returncode == 0
+    resumed = run(tmp_path, tiny_data, "--epochs=2", "--resume=True", "--learning_rate=0.001")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "learning_rate is 0.001 from epoch 2 on (it was 0.003)" in resumed.stdout
+    history = json.loads((tmp_path / "run/history.json").read_text())
+    assert [row["learning_rate"] for row in history] == [0.003, 0.001]
+
+
+def test_a_resume_with_fewer_fusions_leaves_only_its_own(tmp_path, tiny_data):
+    assert run(tmp_path, tiny_data, "--epochs=1", "--num_fusions=2").returncode == 0
+    resumed = run(tmp_path, tiny_data, "--epochs=1", "--resume=True", "--num_fusions=1")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    pairs = json.loads((tmp_path / "run/fusions/pairs.json").read_text())
+    folders = sorted(p.name for p in (tmp_path / "run/fusions").iterdir() if p.is_dir())
+    assert len(pairs) == 1 and len(folders) == 1 and folders[0].startswith("00_")

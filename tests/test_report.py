@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from tests.helpers import outputs_with, trained_outputs
+from tests.helpers import exit_status, outputs_with, trained_outputs
 from utils.errors import UserError
 from utils.plots import save_png
 from utils import report
@@ -83,7 +83,7 @@ def test_no_experiments_is_a_user_error_and_exit_2(tmp_path, capsys, make):
     folder = make(tmp_path)
     with pytest.raises(UserError, match="train a model first"):
         report_table(folder)
-    assert main(["--outputs", str(folder)]) == 2
+    assert exit_status(main, ["--outputs", str(folder)]) == 2
     assert str(folder) in capsys.readouterr().err
     assert not (folder / "report.md").exists()
 
@@ -186,3 +186,31 @@ def test_a_report_without_fid_weights_is_written_with_one_warning(tmp_path, outp
     assert "warning: no FID for 1 experiment(s): offline" in capsys.readouterr().out
     assert table_rows(report_table(folder))["vae"]["FID"] == "-"
     assert not (folder / "vae" / FID_FILE).exists()
+DAMAGE = {  # file, what is written into it, what the line names
+    "config_not_json": ("config.json", b"{oops", "is not valid JSON"),
+    "config_a_list": ("config.json", b"[1, 2]", "holds a list, not a JSON object"),
+    "config_not_utf8": ("config.json", b"\xff\xfe{}", "is not valid JSON"),
+    "metrics_a_string": ("metrics.json", b'"done"', "holds a str, not a JSON object"),
+    "metrics_lacking_mse": ("metrics.json", None, "lacks or mangles 'mse'"),
+    "metrics_mse_text": ("metrics.json", "mse", "lacks or mangles 'mse'"),
+    "history_an_object": ("history.json", b'{"epoch": 1}', "holds a dict, not a JSON list"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_hand_damaged_experiment_file_is_one_line_naming_it(tmp_path, outputs, capsys, damage):
+    name, written, said = DAMAGE[damage]
+    folder = tmp_path / "outputs"
+    shutil.copytree(outputs / "vae", folder / "vae")
+    path = folder / "vae" / name
+    if not isinstance(written, bytes):
+        metrics = json.loads(path.read_text())
+        if written is None:
+            del metrics["mse"]
+        else:
+            metrics[written] = "small"
+        written = json.dumps(metrics).encode()
+    path.write_bytes(written)
+    assert exit_status(main, ["--outputs", str(folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {path} ") and said in err[0], err

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT, files, refusal
+from tests.helpers import ROOT, files, refusal
 from utils import plan as planned
 from utils.reproduce import main, script_defaults
 from utils.results import SHOWN_DIR, TEST_SPRITES

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.helpers import exit_status
 from tests.sprites import sprite_rgba
 from utils import fuse, metrics, reconstruct
 
@@ -55,7 +56,7 @@ def test_reconstruct_on_a_black_background_puts_sprites_on_black(tiny_experiment
 def test_reconstruct_refuses_a_missing_experiment_or_folder_in_one_line(tiny_experiment, own_sprites, tmp_path, capsys, problem):
     experiment = tmp_path / "nothing" if problem == "no_experiment" else tiny_experiment
     folder = tmp_path / "nowhere" if problem == "no_folder" else own_sprites
-    assert reconstruct.main([str(experiment), str(folder), str(tmp_path / "out")]) == 2
+    assert exit_status(reconstruct.main, [str(experiment), str(folder), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and ("nothing" in err[0] or "nowhere" in err[0])
     assert not (tmp_path / "out").exists()
@@ -72,6 +73,17 @@ def test_fuse_writes_blend_swap_and_interpolation_of_two_named_sprites(tiny_expe
 
 
 def test_fuse_refuses_a_file_that_is_not_a_sprite(tiny_experiment, own_sprites, tmp_path, capsys):
-    assert fuse.main([str(tiny_experiment), str(own_sprites / "knight.png"), str(own_sprites / "notes.txt"),
-                      str(tmp_path / "fused")]) == 2
+    assert exit_status(fuse.main, [str(tiny_experiment), str(own_sprites / "knight.png"), str(own_sprites / "notes.txt"),
+                                   str(tmp_path / "fused")]) == 2
     assert "notes.txt cannot be used: not an image" in capsys.readouterr().err
+
+
+def test_reconstruct_refuses_two_sprites_that_would_be_written_under_one_name(tiny_experiment, tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    Image.fromarray(sprite_rgba(1), "RGBA").save(folder / "a.png")
+    Image.fromarray(sprite_rgba(2), "RGBA").save(folder / "a.gif")
+    assert exit_status(reconstruct.main, [str(tiny_experiment), str(folder), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: a.gif and a.png in {folder} would both be written as a.png; rename one of them"]
+    assert not (tmp_path / "out").exists()

@@ -9,6 +9,7 @@ stops the run before any work instead of training with a silently ignored settin
 """
 import difflib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -18,6 +19,100 @@ from utils.io import write_json
 _TRUE_WORDS = {"true", "1", "yes"}
 _FALSE_WORDS = {"false", "0", "no"}
 _NONE_WORDS = {"none", "null"}
+
+
+PRECISIONS = ("fp32", "bf16")
+FID_DIMS = (64, 192, 768, 2048)
+
+
+def _at_least(low):
+    return lambda value, config: None if value >= low else f"at least {low}"
+
+
+def _above(low):
+    return lambda value, config: None if value > low else f"above {low}"
+
+
+def _one_of(choices):
+    return lambda value, config: None if value in choices else f"one of {', '.join(map(str, choices))}"
+
+
+def _plain_name(value, config):
+    """A folder name alone: a path would put the experiment outside output_dir."""
+    if value in ("", ".", "..") or "/" in value or "\\" in value or Path(value).is_absolute():
+        return "a plain folder name (no '/', not '.' or '..'), as outputs go to <output_dir>/<name>/"
+    return None
+
+
+def _num_layers(value, config):
+    # A PixelCNN prior's layers are gated layers, the first of which hides the code it predicts.
+    return _at_least(1 if "vq_experiment" in config else 0)(value, config)
+
+
+def _image_size(value, config):
+    if value < 4:
+        return "at least 4"
+    layers = config.get("num_layers", 0) if "vq_experiment" not in config else 0
+    if layers >= 0 and value % 2 ** layers:
+        return f"a multiple of 2^num_layers = {2 ** layers}"
+    return None
+
+
+def _odd_kernel(value, config):
+    return None if value >= 3 and value % 2 else "odd and at least 3"
+
+
+def _ema_decay(value, config):
+    return None if 0 <= value < 1 else "at least 0 and below 1"
+
+
+# What each key must be, by name, for every script (a script checks only the keys it has).
+# num_layers precedes image_size, which depends on it.
+RULES = {
+    "experiment_name": _plain_name,
+    "vq_experiment": _plain_name,
+    "output_dir": lambda value, config: None if value else "a folder",
+    "dataset": lambda value, config: None if value else "'pokemon' or a folder or zip of sprites",
+    "num_layers": _num_layers,
+    "image_size": _image_size,
+    "pixelsight_filters": _at_least(0),
+    "num_embeddings": _at_least(1),
+    "embedding_dim": _at_least(1),
+    "commitment_cost": _at_least(0),
+    "ema_decay": _ema_decay,
+    "dead_code_threshold": _at_least(0),
+    "ssim_weight": _at_least(0),
+    "max_filters": _at_least(1),
+    "latent_dim": _at_least(1),
+    "kl_weight": _at_least(0),
+    "batch_size": _at_least(1),
+    "epochs": _at_least(1),
+    "learning_rate": _above(0),
+    "precision": _one_of(PRECISIONS),
+    "fast": lambda value, config: None if str(value).lower() in ("auto", "true", "false") else "one of auto, True, False",
+    "seed": _at_least(0),
+    "max_train_images": _at_least(0),
+    "num_fusions": _at_least(0),
+    "fusion_steps": _at_least(2),
+    "hidden_channels": _at_least(1),
+    "kernel_size": _odd_kernel,
+    "num_samples": _at_least(2),
+    "temperature": _above(0),
+    "fid_dims": _one_of(FID_DIMS),
+}
+
+
+def check_values(config):
+    """Refuse, before any work, a value outside its key's range: NaN or infinite floats anywhere,
+    and what RULES says for the keys it names."""
+    for key, value in config.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{key} must be a finite number, got {value}")
+    for key, rule in RULES.items():
+        if key in config and config[key] is not None:
+            wanted = rule(config[key], config)
+            if wanted:
+                raise UserError(f"--{key} must be {wanted}, got {config[key]!r}")
 
 
 def _type_name(default):
@@ -131,8 +226,8 @@ def _usage(defaults):
 def parse_config(defaults, argv):
     """A new config: `defaults`, overridden by a JSON file path in argv, then by --key=value.
 
-    Unknown keys and values that do not parse as the default's type raise UserError;
-    --help prints the keys and exits."""
+    Unknown keys, values that do not parse as the default's type and values outside their
+    key's range (check_values) raise UserError; --help prints the keys and exits."""
     _check_defaults(defaults)
     if "--help" in argv or "-h" in argv:
         print(_usage(defaults))
@@ -144,6 +239,7 @@ def parse_config(defaults, argv):
     for key, text in pairs:
         _check_known(key, defaults, "command line")
         config[key] = _parse_value(key, text, defaults[key])
+    check_values(config)
     return config
 
 

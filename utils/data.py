@@ -4,12 +4,17 @@
 """
 import argparse
 import base64
+import contextlib
+import ctypes
 import dataclasses
+import glob
 import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -24,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from utils.errors import UserError
+from utils.errors import UserError, exit_on_user_error, first_sentence
 from utils.io import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,6 +50,15 @@ POKESPRITE_FOLDERS = {
 }
 POKESPRITE_KEEP = ("data/pokemon.json", "license.md")
 SPLITS = ("train", "val", "test")
+# A sprite has no business past these: a bigger file or image is skipped before it is read whole
+# or decoded, so that a small zip inflating to gigabytes, or a PNG declaring 20000x20000 pixels,
+# costs nothing.
+MAX_FILE_BYTES = 8 << 20
+MAX_IMAGE_PIXELS = 2048 * 2048
+TOO_LARGE = f"larger than {MAX_FILE_BYTES >> 20} MiB, more than any sprite needs"
+# Modes whose values are not 8-bit colours, refused by name rather than converted to black.
+UNSUPPORTED_MODES = {"F": "32-bit floating point", "I": "32-bit integer"}
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 BACKGROUND_COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0)}
 
 
@@ -171,7 +185,7 @@ def _pokemon_files(root):
             if path.stem not in stems:
                 skipped.append({"file": rel, "reason": "not named in data/pokemon.json"})
                 continue
-            files.append(SourceFile(rel, stems[path.stem], f"{path.stem}_{variant}", path.read_bytes))
+            files.append(SourceFile(rel, stems[path.stem], f"{path.stem}_{variant}", lambda p=path: _read_file(p)))
     return files, skipped
 
 
@@ -191,19 +205,54 @@ def species_of(rel_path):
     return Path(rel_path).stem.split("__")[0]
 
 
-def _user_files(source):
+def _bounded(read):
+    """What `read(n)` gives, refused once past MAX_FILE_BYTES without reading further."""
+    data = read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise SkipImage(TOO_LARGE)
+    return data
+
+
+def _read_file(path):
+    with open(path, "rb") as f:
+        return _bounded(f.read)
+
+
+def _read_member(archive, name):
+    try:
+        with archive.open(name) as member:
+            return _bounded(member.read)
+    except RuntimeError as err:
+        if "encrypted" in str(err):
+            raise SkipImage("encrypted zip member; a password is needed") from None
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as err:
+        raise SkipImage(f"damaged zip member ({err})") from None
+
+
+def _user_files(source, log):
+    """(files, skipped) of a folder or zip. Links that lead out of a folder are skipped: the
+    source is what the user named, not whatever its links reach."""
     source = Path(source)
     if not source.exists():
         raise UserError(f"sprite source {source} does not exist")
     if source.is_file() and not zipfile.is_zipfile(source):
         raise UserError(f"sprite source {source} is neither a folder nor a zip file")
+    skipped = []
     if source.is_dir():
-        paths = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
-        entries = [(str(p.relative_to(source)), p.read_bytes) for p in paths]
+        inside = source.resolve()
+        entries = []
+        for path in sorted(p for p in source.rglob("*") if not p.name.startswith(".")):
+            rel = str(path.relative_to(source))
+            if path.is_symlink() and not path.resolve().is_relative_to(inside):
+                skipped.append({"file": rel, "reason": f"a link to {path.resolve()}, outside the source folder"})
+                log(f"skipped {rel}: {skipped[-1]['reason']}")
+            elif path.is_file():
+                entries.append((rel, lambda p=path: _read_file(p)))
     else:
         archive = zipfile.ZipFile(source)
         names = sorted(n for n in archive.namelist() if not n.endswith("/") and not Path(n).name.startswith("."))
-        entries = [(n, (lambda n=n: archive.read(n))) for n in names]
+        entries = [(n, (lambda n=n: _read_member(archive, n))) for n in names]
     files, used = [], set()
     for rel, read in entries:
         key = _safe_key(str(Path(rel).with_suffix("")).replace(os.sep, "-"))
@@ -211,7 +260,7 @@ def _user_files(source):
             key += "+"
         used.add(key)
         files.append(SourceFile(rel, species_of(rel), key, read))
-    return files, []
+    return files, skipped
 
 
 # ---------------------------------------------------------------- turning files into canvases
@@ -221,26 +270,53 @@ class SkipImage(Exception):
     """An input file that cannot become a sprite; it is skipped and listed with the reason."""
 
 
-def decode_rgba(data):
-    """Any PNG (or other Pillow-readable image) as an RGBA uint8 array, colours untouched."""
+def _open_image(data):
+    """The decoded Pillow image in `data`, checked for size before decoding and for mode."""
     if not data:
         raise SkipImage("empty file")
+    too_many = f"too many pixels for a sprite (the limit is {MAX_IMAGE_PIXELS})"
     try:
         image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > MAX_IMAGE_PIXELS:
+            raise SkipImage(f"{too_many}: {width}x{height}")
+        if image.mode in UNSUPPORTED_MODES and image.mode != "I":
+            raise SkipImage(f"unsupported image mode {image.mode} ({UNSUPPORTED_MODES[image.mode]})")
         image.load()
     except UnidentifiedImageError:
         raise SkipImage("not an image") from None
-    except (OSError, SyntaxError, ValueError) as err:
+    except Image.DecompressionBombError as err:  # Pillow's own, larger limit, checked as it opens
+        raise SkipImage(f"{too_many}: {first_sentence(err)}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise SkipImage(f"unreadable image ({err})") from None
+    return image
+
+
+def decode_rgba(data):
+    """Any PNG (or other Pillow-readable image) as an RGBA uint8 array, colours untouched.
+
+    The one image loader of every tool (prepare, reconstruct, fuse, metrics, fid)."""
+    image = _open_image(data)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # Pillow's convert() clips 16-bit grey to 255 instead of scaling it.
         grey = np.asarray(image, dtype=np.float64)
+        # Older Pillows read a 16-bit PNG as mode I; other 32-bit integers are no colours.
+        if image.mode == "I" and (grey.min() < 0 or grey.max() > 65535):
+            raise SkipImage(f"unsupported image mode I ({UNSUPPORTED_MODES['I']}) with values outside 0-65535")
+        # Pillow's convert() clips 16-bit grey to 255 instead of scaling it.
         peak = 65535.0 if image.mode.startswith("I;16") or grey.max() > 255 else 255.0
         image = Image.fromarray(np.round(grey * 255.0 / peak).clip(0, 255).astype(np.uint8), "L")
     elif image.mode == "P" and "transparency" not in image.info:
         image = image.convert("RGB")
     # P with a transparent index, LA, L, RGB, 1, CMYK: Pillow keeps the exact palette colours.
     return np.asarray(image.convert("RGBA"))
+
+
+def read_image_file(path):
+    """decode_rgba of the file at `path`, read no further than MAX_FILE_BYTES."""
+    try:
+        return decode_rgba(_read_file(path))
+    except OSError as err:
+        raise SkipImage(err.strerror or str(err)) from None
 
 
 def crop_to_canvas(rgba, size):
@@ -285,10 +361,10 @@ def composite(rgba, back):
     return mixed.astype(np.uint8)
 
 
-def sprite_image(data, size, background_name):
-    """One file's bytes as a model input exactly as preparation makes a test image: cropped,
+def sprite_image(path, size, background_name):
+    """One image file as a model input exactly as preparation makes a test image: cropped,
     centred, no augmentation, on a plain background. Returns (uint8 RGB, bool mask)."""
-    canvas, _ = crop_to_canvas(decode_rgba(data), size)
+    canvas, _ = crop_to_canvas(read_image_file(path), size)
     return composite(canvas, background(background_name, size, 0, "")), canvas[..., 3] > 0
 
 
@@ -355,23 +431,96 @@ def _source_record(source, root):
     return {"path": str(Path(source).resolve())}
 
 
+def own_sprites_folder(source):
+    """Where a user's own sprites are prepared: named after the source and its resolved path, so
+    that two sources of one name, or one named like the default set, never share a folder."""
+    resolved = Path(source).resolve()
+    return DATA / f"{_safe_key(resolved.stem)}-{hashlib.sha256(str(resolved).encode()).hexdigest()[:8]}"
+
+
+def prepared_folder(dataset):
+    """The prepared folder of a training script's `dataset` key, whether or not it exists yet."""
+    if dataset == "pokemon":
+        return DATA / "pokemon"
+    return Path(dataset) if (Path(dataset) / "manifest.json").exists() else own_sprites_folder(dataset)
+
+
+def load_manifest(folder):
+    path = Path(folder) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["parameters"]["image_size"], manifest["source"]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path} is damaged; prepare the data set again with --force") from None
+    return manifest
+
+
+def _check_out_dir(out_dir):
+    """Only an empty folder or a set this code prepared may be replaced by a new one."""
+    if out_dir.exists() and not (out_dir / "manifest.json").is_file() and not (
+            out_dir.is_dir() and not any(out_dir.iterdir())):
+        raise UserError(f"{out_dir} exists and is not a data set this project prepared (it holds no "
+                        "manifest.json); it is left alone: choose another --out")
+
+
+def _is_running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _temporary_folder(out_dir, kind):
+    """A folder beside `out_dir` named after this process, so that a later prepare can tell
+    whether the one that made it still runs."""
+    return Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.{kind}-{os.getpid()}-"))
+
+
+def _remove_stale_folders(out_dir, log):
+    """Remove the temporary folders that prepares killed before their rename left beside `out_dir`."""
+    made_by = re.compile(rf"\.{re.escape(out_dir.name)}\.(staging|old)-(\d+)-")
+    stale = sorted(p for p in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*")
+                   if (match := made_by.match(p.name)) and p.is_dir() and not _is_running(int(match[2])))
+    for folder in stale:
+        shutil.rmtree(folder)
+    if stale:
+        log(f"removed {len(stale)} staging folder(s) left by an interrupted prepare: "
+            + ", ".join(p.name for p in stale))
+
+
+def _die_with(parent):
+    """A worker's first act: end when the preparing process ends, SIGKILL included, instead of
+    rendering on for nobody. Linux only; elsewhere a worker ends once its queue is gone."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def prepare(source=None, out_dir=None, options=PrepareOptions(), force=False, log=print, workers=None):
     """Prepare a split data set and return its manifest; reuse it if already prepared alike.
 
     source None means the Pokemon box sprites (fetched once with npm), else a folder or zip of
     the user's own sprites. Everything is built in a temporary folder beside `out_dir` and moved
-    into place in one rename, so an interrupted run never leaves a set that looks complete."""
-    out_dir = Path(out_dir) if out_dir else DATA / ("pokemon" if source is None else _safe_key(Path(source).stem))
+    into place in one rename, so an interrupted run never leaves a set that looks complete. An
+    existing `out_dir` is replaced only when it is empty or a set prepared here."""
+    out_dir = Path(out_dir) if out_dir else (DATA / "pokemon" if source is None else own_sprites_folder(source))
+    _check_out_dir(out_dir)
+    if out_dir.parent.is_dir():
+        _remove_stale_folders(out_dir, log)
     params = json.loads(json.dumps(dataclasses.asdict(options)))  # as it reads back from the manifest
-    manifest_path = out_dir / "manifest.json"
-    if manifest_path.exists() and not force:
-        old = json.loads(manifest_path.read_text())
+    if (out_dir / "manifest.json").exists() and not force:
+        old = load_manifest(out_dir)
         wanted_source = str(Path(source).resolve()) if source is not None else None
         if old.get("parameters") == params and old["source"].get("path") == wanted_source:
             return old
     start = time.perf_counter()
     root = fetch_pokemon() if source is None else None
-    files, skipped = _pokemon_files(root) if source is None else _user_files(source)
+    files, skipped = _pokemon_files(root) if source is None else _user_files(source, log)
     if not files:
         raise UserError(f"no files found in sprite source {source}")
     sprites, bad, centre_cropped = _collect(files, options, log)
@@ -385,7 +534,7 @@ def prepare(source=None, out_dir=None, options=PrepareOptions(), force=False, lo
     split_of = {s: name for name, members in splits.items() for s in members}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    staging = _temporary_folder(out_dir, "staging")
     try:
         jobs = []
         for f, canvas in sprites:
@@ -394,7 +543,8 @@ def prepare(source=None, out_dir=None, options=PrepareOptions(), force=False, lo
         for split in SPLITS:
             (staging / split).mkdir()
         # fork, not spawn: a training script has no __main__ guard for a child to re-run.
-        with ProcessPoolExecutor(workers or os.cpu_count(), mp_context=multiprocessing.get_context("fork")) as pool:
+        with ProcessPoolExecutor(workers or os.cpu_count(), mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_die_with, initargs=(os.getpid(),)) as pool:
             rendered = list(pool.map(_render_sprite, jobs, chunksize=16))
         summary = {}
         size = options.image_size
@@ -420,7 +570,7 @@ def prepare(source=None, out_dir=None, options=PrepareOptions(), force=False, lo
         }
         write_json(staging / "manifest.json", manifest)
         if out_dir.exists():
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.old."))
+            old = _temporary_folder(out_dir, "old")
             os.replace(out_dir, old / "data")
             os.replace(staging, out_dir)
             shutil.rmtree(old)
@@ -481,14 +631,11 @@ def resolve_dataset(dataset, image_size, log=print):
         return DATA / "pokemon"
     path = Path(dataset)
     if (path / "manifest.json").exists():
-        try:
-            size = json.loads((path / "manifest.json").read_text())["parameters"]["image_size"]
-        except (ValueError, KeyError, TypeError):
-            raise UserError(f"{path / 'manifest.json'} is damaged; prepare the data set again with --force") from None
+        size = load_manifest(path)["parameters"]["image_size"]
         if size != image_size:
             raise UserError(f"{path} was prepared at {size}x{size}, but image_size is {image_size}")
         return path
-    out = DATA / _safe_key(path.stem)
+    out = own_sprites_folder(path)
     prepare(path, out, options, log=log)
     return out
 
@@ -512,7 +659,8 @@ def main(argv=None):
     p = sub.add_parser("prepare", help="fetch (if needed), preprocess and split sprites")
     d = PrepareOptions()
     p.add_argument("--source", help="folder or zip of your own sprites (default: the Pokemon box sprites)")
-    p.add_argument("--out", help="output folder (default: data/pokemon or data/<source name>)")
+    p.add_argument("--out", help="output folder, replaced only if empty or prepared here "
+                   "(default: data/pokemon or data/<source name>-<hash of its path>)")
     p.add_argument("--image-size", type=int, default=d.image_size)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--val-fraction", type=float, default=d.val_fraction)
@@ -528,16 +676,14 @@ def main(argv=None):
         rotations = tuple(int(a) for a in args.rotations.split(",") if a.strip())
     except ValueError:
         parser.error(f"--rotations takes whole degrees, got {args.rotations!r}")
-    try:
+
+    def run():
         options = PrepareOptions(args.image_size, args.seed, args.val_fraction, args.test_fraction,
                                  tuple(b.strip() for b in args.backgrounds.split(",") if b.strip()),
                                  args.train_noise_backgrounds, not args.no_flip, rotations)
-        manifest = prepare(args.source, args.out, options, force=args.force)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(_summary(manifest))
-    return 0
+        print(_summary(prepare(args.source, args.out, options, force=args.force)))
+        return 0
+    return exit_on_user_error(run)
 
 
 if __name__ == "__main__":

@@ -44,4 +44,8 @@ def choose_device(name):
         raise UserError(f"device {name!r} is not a device name (try auto, cpu or cuda)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} was asked for, but CUDA is not available here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {name!r} was asked for, but this PyTorch has no MPS (Apple GPU) support here")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"device {name!r} is not one this project runs on (try auto, cpu or cuda)")
     return device

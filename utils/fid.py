@@ -27,7 +27,7 @@ from torch.nn.functional import adaptive_avg_pool2d, interpolate
 from tqdm import tqdm
 
 from utils.device import choose_device
-from utils.errors import UserError
+from utils.errors import UserError, exit_on_user_error
 from utils.fid_weights import (CLASSIFIER_KEYS, FidWeights, fid_inception_network, official_weights_path,
                                resolve_fid_weights, weights_record)
 from utils.io import atomic_path, write_json
@@ -282,7 +282,8 @@ def _print_warning(message, *_):
 
 def main(argv=None):
     args = _parse_args(argv)
-    try:
+
+    def run():
         with warnings.catch_warnings():
             # One line each, like our errors: the small-sample warning, and SciPy's when a
             # covariance is singular.
@@ -311,10 +312,8 @@ def main(argv=None):
                 "path1": str(args.paths[0]), "images1": stats[0].count,
                 "path2": str(args.paths[1]), "images2": stats[1].count})
             print(f"saved {args.json}")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+    return exit_on_user_error(run)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import numpy as np
 
 from utils import data
 from utils.device import choose_device
-from utils.errors import UserError
+from utils.errors import UserError, exit_on_user_error
 from utils.fusions import write_pair
 from utils.plots import image_grid, save_png
 from utils.reconstruct import experiment_dir
@@ -25,7 +25,7 @@ def prepared(path, size, background):
     if not path.is_file():
         raise UserError(f"{path} is not a file")
     try:
-        return data.sprite_image(path.read_bytes(), size, background)[0]
+        return data.sprite_image(path, size, background)[0]
     except data.SkipImage as why:
         raise UserError(f"{path} cannot be used: {why}") from None
 
@@ -41,7 +41,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=8, help="images in the interpolation strip")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    try:
+
+    def run():
         if args.steps < 2:
             raise UserError("--steps needs at least 2 images, the two ends")
         device = choose_device(args.device)
@@ -50,11 +51,9 @@ def main(argv=None):
         out = Path(args.out_dir)
         save_png(image_grid(images, 2, pad=0), out / "inputs.png")
         write_pair(model, model_type, images, out, args.steps, device)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"fusions of {args.sprite_a} and {args.sprite_b} written to {out}")
-    return 0
+        print(f"fusions of {args.sprite_a} and {args.sprite_b} written to {out}")
+        return 0
+    return exit_on_user_error(run)
 
 
 if __name__ == "__main__":

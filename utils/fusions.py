@@ -3,6 +3,7 @@
 For each of a fixed, seeded list of pairs of test sprites (different species, white background,
 no augmentation): a blend, a swap and an interpolation strip."""
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -78,12 +79,17 @@ def write_fusions(model, model_type, sprites, data_dir, out, config, device):
     write_json(out / "pairs.json", [{"a": a, "b": b, "species_a": species[a.split("__")[0]],
                                      "species_b": species[b.split("__")[0]]} for a, b in pairs])
     position = {name: i for i, name in enumerate(sprites.names)}
-    rows = []
+    rows, folders = [], set()
     for i, (a, b) in enumerate(pairs):
         images = sprites.images[[position[a], position[b]]]
         folder = out / f"{i:02d}_{a.split('__')[0]}+{b.split('__')[0]}"
         blend, swapped = write_pair(model, model_type, images, folder, config["fusion_steps"], device)
         rows.extend([images[0], images[1], blend, swapped])
+        folders.add(folder.name)
+    # A resumed run with fewer fusions, or other pairs, leaves no folder of the earlier run's.
+    for stale in out.glob("[0-9][0-9]_*"):
+        if stale.is_dir() and stale.name not in folders:
+            shutil.rmtree(stale)
     if rows:
         save_png(upscale_nearest(image_grid(np.stack(rows), 4), 3), out / "overview.png")
     return pairs

@@ -1,5 +1,6 @@
 """Writes that are never seen half-done: write beside the target, then rename over it."""
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -69,3 +70,38 @@ def remove_temp_files(folder):
 def write_json(path, obj):
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@contextlib.contextmanager
+def exclusive_lock(path, what):
+    """Hold an exclusive lock on the file `path`, which names this process, for the duration; a
+    UserError if another process holds it. The kernel drops the lock of a killed process, so
+    a file that a killed run left behind blocks nobody."""
+    path = Path(path)
+    made_folder = not path.parent.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"{what} is in use by another run (process {holder}); wait for it to end, "
+                            "or choose another --experiment_name") from None
+        # The holder before us may have removed the file as we opened it: then ours is a lock on
+        # nothing, and the next run would lock a new file; try again on the file now there.
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.unlink(path)
+        os.close(fd)
+        if made_folder:
+            with contextlib.suppress(OSError):  # not empty: it holds what the run wrote
+                path.parent.rmdir()

@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from skimage.metrics import structural_similarity
 
-from utils.errors import UserError
+from utils.data import SkipImage, read_image_file
+from utils.errors import UserError, exit_on_user_error
 from utils.io import write_json
 
 # Reported for identical images, whose PSNR is infinite. No other 8-bit image pair up to 226x226
@@ -226,11 +226,11 @@ def _paired_names(ref_dir, out_dir):
 
 
 def load_rgb(path):
+    """The RGB colours of an image file, through the data pipeline's one guarded loader."""
     try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e}") from e
+        return np.ascontiguousarray(read_image_file(path)[..., :3])
+    except SkipImage as why:
+        raise UserError(f"cannot read {path}: {why}") from None
 
 
 def load_rgb_and_mask(path):
@@ -288,22 +288,21 @@ def _parse_args(argv):
 
 def main(argv=None):
     args = _parse_args(argv)
-    try:
+
+    def run():
         ref, out, masks = load_pairs(args.ref_dir, args.out_dir)
         metrics = {"images": len(ref), **image_metrics(ref, out, masks)}
         out_dir = args.out_dir.resolve()
         json_path = args.json or out_dir.parent / f"metrics_{out_dir.name}.json"
         write_json(json_path, {"ref_dir": str(args.ref_dir), "out_dir": str(args.out_dir),
                                **metrics})
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    width = max(map(len, metrics))
-    for key, value in metrics.items():
-        print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else
-              f"{key:<{width}}  {value}")
-    print(f"saved {json_path}")
-    return 0
+        width = max(map(len, metrics))
+        for key, value in metrics.items():
+            print(f"{key:<{width}}  {value:.4f}" if isinstance(value, float) else
+                  f"{key:<{width}}  {value}")
+        print(f"saved {json_path}")
+        return 0
+    return exit_on_user_error(run)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ from utils.fid_weights import resolve_fid_weights, weights_record
 from utils.images import from_batch
 from utils.io import atomic_path, write_json
 from utils.plots import image_grid, save_png, upscale_nearest
-from utils.train import (LOG_EVERY, ROOT, TrainingDiverged, batches, load_model, load_splits, make_optimizer,
-                         prepare_output_dir, resume_from, save_checkpoint, seed_everything, start_output_dir,
-                         training_subset, write_model_and_history)
+from utils.train import (LOG_EVERY, ROOT, TrainingDiverged, batches, experiment_folder, experiment_lock,
+                         interrupted_message, load_model, load_splits, make_optimizer, prepare_output_dir, resume_from,
+                         save_checkpoint, seed_everything, start_output_dir, training_subset, write_model_and_history)
 
 MODEL_TYPE = "pixelcnn"
 CODES_FILE = "codes.npz"
@@ -197,11 +197,8 @@ def write_samples(prior, vq_model, train_grids, train_set, test_set, out, config
 
 
 def check_sampling(config):
-    """Refuse sampling settings that would only fail after training."""
-    if config["num_samples"] < 2:
-        raise UserError(f"num_samples must be at least 2 (a grid and a FID need them), got {config['num_samples']}")
-    if config["temperature"] <= 0:
-        raise UserError(f"temperature must be positive, got {config['temperature']}")
+    """Refuse missing FID weights before training rather than after (the ranges of the other
+    sampling keys are utils/config.py's)."""
     if config["fid_weights"]:
         resolve_fid_weights(config["fid_weights"])
 
@@ -210,7 +207,7 @@ def train_prior(config):
     """Encode, train, evaluate and sample one prior, writing every output; returns its metrics."""
     print_config(config)
     check_sampling(config)
-    out = (ROOT / config["output_dir"] / config["experiment_name"]).resolve()
+    out = experiment_folder(config)
     device = choose_device(config["device"])
     vq_model, vq_config = load_vq_model(config, device)
     checkpoint_path = out / "checkpoint.pt"
@@ -240,7 +237,8 @@ def train_prior(config):
         seconds = time.perf_counter() - started
         val_bits = run_prior_epoch(model, grids["val"], config, device, epoch)
         history.append({"epoch": epoch + 1, "train_seconds": seconds, "train_grids": len(grids["train"]),
-                        "train_bits_per_code": train_bits, "val_bits_per_code": val_bits})
+                        "learning_rate": config["learning_rate"], "train_bits_per_code": train_bits,
+                        "val_bits_per_code": val_bits})
         save_checkpoint(checkpoint_path, model, optimizer, epoch, history, model_config, MODEL_TYPE)
         print(f"epoch {epoch + 1}/{config['epochs']}: train {train_bits:.4f} bits/code, "
               f"val {val_bits:.4f} bits/code, {len(grids['train']) / seconds:.1f} grids/s")
@@ -270,4 +268,9 @@ def train_prior(config):
 
 def run_prior(defaults, argv):
     """Entry point of train_pixelcnn.py: a user's mistake ends in one line, not a traceback."""
-    return exit_on_user_error(lambda: train_prior(parse_config(defaults, argv)))
+    config = exit_on_user_error(lambda: parse_config(defaults, argv))
+
+    def locked():
+        with experiment_lock(experiment_folder(config)):
+            return train_prior(config)
+    return exit_on_user_error(locked, interrupted=interrupted_message(config))

@@ -19,7 +19,7 @@ import torch
 
 from utils import data
 from utils.device import choose_device
-from utils.errors import UserError
+from utils.errors import UserError, exit_on_user_error
 from utils.images import from_batch, to_batch
 from utils.io import write_json
 from utils.metrics import image_metrics
@@ -41,19 +41,23 @@ def read_sprites(folder, size, background, log=print):
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder of sprites")
-    names, images, masks = [], [], []
+    images, masks, written_from = [], [], {}
     for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
         try:
-            image, mask = data.sprite_image(path.read_bytes(), size, background)
+            image, mask = data.sprite_image(path, size, background)
         except data.SkipImage as why:
             log(f"skipped {path.name}: {why}")
             continue
-        names.append(path.stem + ".png")
+        name = path.stem + ".png"
+        if name in written_from:
+            raise UserError(f"{written_from[name]} and {path.name} in {folder} would both be written as {name}; "
+                            "rename one of them")
+        written_from[name] = path.name
         images.append(image)
         masks.append(mask)
     if not images:
         raise UserError(f"no usable sprite in {folder}")
-    return names, np.stack(images), np.stack(masks)
+    return list(written_from), np.stack(images), np.stack(masks)
 
 
 def reconstruct(model, images, device):
@@ -73,7 +77,8 @@ def main(argv=None):
     parser.add_argument("--background", choices=sorted(data.BACKGROUND_COLOURS), default="white")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    try:
+
+    def run():
         device = choose_device(args.device)
         model, _, config = load_model(experiment_dir(args.experiment), device)
         names, images, masks = read_sprites(args.in_dir, config["image_size"], args.background)
@@ -84,13 +89,12 @@ def main(argv=None):
             save_png(output, out / "reconstructions" / name)
         metrics = {"images": len(names), **image_metrics(images, rebuilt, masks)}
         write_json(out / "metrics.json", metrics)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"{len(names)} sprites reconstructed into {out}: {100 * metrics['sprite_exact_pixel_rate']:.1f}% of "
-          f"sprite pixels exact, {100 * metrics['palette_exact_pixel_rate']:.1f}% once snapped to each sprite's "
-          f"own palette ({metrics['palette_colours']:.1f} colours on average); all metrics in {out / 'metrics.json'}")
-    return 0
+        print(f"{len(names)} sprites reconstructed into {out}: {100 * metrics['sprite_exact_pixel_rate']:.1f}% of "
+              f"sprite pixels exact, {100 * metrics['palette_exact_pixel_rate']:.1f}% once snapped to each "
+              f"sprite's own palette ({metrics['palette_colours']:.1f} colours on average); all metrics in "
+              f"{out / 'metrics.json'}")
+        return 0
+    return exit_on_user_error(run)
 
 
 if __name__ == "__main__":

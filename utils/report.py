@@ -19,7 +19,7 @@ from urllib.parse import quote
 import numpy as np
 
 from utils.data import DATA, ROOT
-from utils.errors import UserError
+from utils.errors import UserError, exit_on_user_error
 from utils.fid import fid_statistics, frechet_distance, load_fid_inception, load_statistics, save_statistics
 from utils.fid_weights import resolve_fid_weights, weights_record
 from utils.io import atomic_path, write_json
@@ -44,14 +44,25 @@ def _align(header):
     return (":--", ":--") + ("--:",) * (len(header) - 2)
 
 
-def _read_json(path):
-    """The JSON held in `path`, or None when there is no such file."""
+def _read_json(path, kind=dict):
+    """The JSON object (or with `kind` list, array) held in `path`, or None when there is no such file."""
     try:
-        return json.loads(Path(path).read_text())
+        value = json.loads(Path(path).read_text())
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(value, kind):
+        raise UserError(f"{path} holds a {type(value).__name__}, not a JSON {'object' if kind is dict else 'list'}")
+    return value
+
+
+def _numbers(path, mapping, keys, optional=()):
+    """Refuse a file whose numbers a table needs are missing or not numbers, naming the first."""
+    for key in keys:
+        value = mapping.get(key) if isinstance(mapping, dict) else None
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) or (key in optional and value is None)):
+            raise UserError(f"{path} lacks or mangles {key!r}: a number is expected, got {value!r}")
 
 
 @dataclasses.dataclass
@@ -80,6 +91,7 @@ class Experiment:
         c = self.config
         if not c:
             return "unknown (no config.json)"
+        _numbers(self.path / "config.json", c, ["image_size", "num_layers"] + ([] if self.is_vq else ["latent_dim"]))
         if not self.is_vq:
             return f"VAE, {c['latent_dim']}-d latent"
         side = c["image_size"] // 2 ** c["num_layers"]
@@ -99,7 +111,7 @@ def _load_all(outputs_dir):
     order = list(DEFAULT_EXPERIMENTS)
     folders.sort(key=lambda p: (order.index(p.name) if p.name in order else len(order), p.name))
     return [Experiment(p, _read_json(p / "config.json") or {}, _read_json(p / "metrics.json"),
-                       _read_json(p / "history.json") or []) for p in folders]
+                       _read_json(p / "history.json", list) or []) for p in folders]
 
 
 def load_experiments(outputs_dir):
@@ -120,6 +132,11 @@ def _row(e):
     if e.metrics is None:
         return [e.name, e.model, "unfinished"] + [""] * (len(HEADER) - 3)
     m = e.metrics
+    _numbers(e.path / "metrics.json", m, ["epochs", "mse", "ssim", "psnr", "exact_pixel_rate", "sprite_exact_pixel_rate",
+                                          "output_colours", "input_colours", "train_seconds",
+                                          "train_images_per_second"] + (["codes_used"] if e.is_vq else []))
+    for row in e.history:
+        _numbers(e.path / "history.json", row, ["train_images"])
     codes = f"{m['codes_used']}/{e.config['num_embeddings']}" if e.is_vq else "-"
     cached = cached_fid(e)
     return [e.name, e.model, str(m["epochs"]), str(sum(row["train_images"] for row in e.history)),
@@ -135,6 +152,10 @@ def _prior_row(e, models):
     if e.metrics is None:
         return [e.name, codes_of, "unfinished"] + [""] * (len(PRIOR_HEADER) - 3)
     m = e.metrics
+    _numbers(e.path / "metrics.json", m, ["epochs", "train_grids", "val_bits_per_code", "test_bits_per_code",
+                                          "uniform_bits_per_code", "nearest_mse_mean", "duplicate_share",
+                                          "code_duplicate_share", "fid", "train_seconds"],
+             optional=("val_bits_per_code", "fid"))
     val = "-" if m["val_bits_per_code"] is None else f"{m['val_bits_per_code']:.3f}"
     return [e.name, codes_of, str(m["epochs"]), str(m["train_grids"]), val, f"{m['test_bits_per_code']:.3f}",
             f"{m['uniform_bits_per_code']:.0f}", f"{m['nearest_mse_mean']:.5f}",
@@ -263,7 +284,7 @@ def shared_sprites(experiments, count):
         return []
     common = set.intersection(*({p.name for p in (e.path / "reconstructions").glob("*.png")}
                                 for e in experiments))
-    pairs = _read_json(experiments[0].path / "fusions" / "pairs.json") or []
+    pairs = _read_json(experiments[0].path / "fusions" / "pairs.json", list) or []
     preferred = [name for pair in pairs for name in (pair["a"], pair["b"])]
     return [name for name in dict.fromkeys(preferred + sorted(common)) if name in common][:count]
 
@@ -287,13 +308,12 @@ def main(argv=None):
     parser.add_argument("--fid-weights", type=Path, default=None, metavar="PATH",
                         help="FID Inception weights (default: as python -m utils.fid)")
     args = parser.parse_args(argv)
-    try:
+
+    def run():
         print(write_report(args.outputs, fid=not args.no_fid, fid_weights=args.fid_weights))
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.outputs / 'report.md'}")
-    return 0
+        print(f"wrote {args.outputs / 'report.md'}")
+        return 0
+    return exit_on_user_error(run)
 
 
 if __name__ == "__main__":

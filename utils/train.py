@@ -2,6 +2,7 @@
 
 A script is its config block and `run_experiment(model_type, config, sys.argv[1:])`."""
 import collections
+import contextlib
 import pickle
 import random
 import shutil
@@ -23,9 +24,9 @@ from utils.config import parse_config, print_config, save_config
 from utils.data_parallel import (agreed, barrier, batch_shares, data_parallel, earliest_over_ranks,
                                  gathered_on_first_rank, is_first_rank, process_device, process_group,
                                  same_buffers_as_first_rank, summed_over_ranks, world_size)
-from utils.errors import UserError
+from utils.errors import UserError, exit_on_user_error, first_sentence
 from utils.fusions import write_fusions
-from utils.io import atomic_path, remove_temp_files, write_json
+from utils.io import TEMP_SUFFIX, atomic_path, exclusive_lock, remove_temp_files, write_json
 from utils.losses import loss_terms
 from utils.images import from_batch, to_batch
 from utils.metrics import bits_per_sprite, codebook_stats, image_metrics
@@ -34,6 +35,9 @@ from utils.plots import image_grid, plot_codebook_usage, plot_losses, save_gif, 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_COUNT = 8  # validation sprites shown in samples.gif
 LOG_EVERY = 10  # steps between progress-bar updates; each one reads the loss back from the device
+# Left in a folder by start_output_dir: only a folder holding it is an experiment to resume or replace.
+EXPERIMENT_MARK = ".experiment"
+RESUME_KEYS = ("dataset", "seed")  # besides the architecture, what a resumed run must share
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "config", "model_type", "rng")
 
 
@@ -73,7 +77,6 @@ def batches(sprites, batch_size, device, order):
         yield to_batch(sprites.images[index], device), index
 
 
-PRECISIONS = ("fp32", "bf16")
 FAST_SETTINGS = {"auto": None, "true": True, "false": False}
 # Where `fast="auto"` accelerates: the devices the fast path was measured faster on (bench/README.md).
 FAST_BY_DEFAULT = ("cpu",)
@@ -200,10 +203,8 @@ def load_checkpoint(path):
         # torch's own message advises weights_only=False, which would run whatever the file holds.
         raise UserError(f"checkpoint {path} cannot be loaded safely: it holds Python objects other than "
                         "tensors and plain data, and is refused without running them") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
-        # The first sentence says what is wrong; torch's following ones speculate why.
-        reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"checkpoint {path} cannot be loaded safely: {reason}") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise UserError(f"checkpoint {path} cannot be loaded safely: {first_sentence(err)}") from None
 
 
 def load_training_checkpoint(path, config, model_type):
@@ -221,6 +222,12 @@ def load_training_checkpoint(path, config, model_type):
     if differ:
         listed = ", ".join(f"{k} (checkpoint {a!r}, config {b!r})" for k, (a, b) in differ.items())
         raise UserError(f"checkpoint {path} was made with a different architecture: {listed}")
+    # Another data set or seed would continue the weights on other data, in another order.
+    differ = {key: (saved["config"].get(key), config.get(key)) for key in RESUME_KEYS
+              if saved["config"].get(key) != config.get(key)}
+    if differ:
+        listed = ", ".join(f"{k} (checkpoint {a!r}, config {b!r})" for k, (a, b) in differ.items())
+        raise UserError(f"checkpoint {path} was trained on other data: {listed}; start a new experiment for them")
     return saved
 
 
@@ -232,18 +239,26 @@ def resume_from(path, model, optimizer, config, model_type):
     model.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     for group in optimizer.param_groups:
-        # The config's rate, not the checkpoint's, so that a diverged run can resume slower.
+        # The config's rate, not the checkpoint's, so that a diverged run can resume slower;
+        # history.json records each epoch's rate.
         group["lr"] = config["learning_rate"]
+    for row in saved["history"]:  # a checkpoint from before the rate was recorded
+        row.setdefault("learning_rate", saved["config"]["learning_rate"])
+    if saved["history"] and saved["history"][-1]["learning_rate"] != config["learning_rate"]:
+        print(f"learning_rate is {config['learning_rate']} from epoch {saved['epoch'] + 2} on "
+              f"(it was {saved['history'][-1]['learning_rate']})")
     set_rng_state(saved["rng"])
     print(f"resumed {path} after epoch {saved['epoch'] + 1}")
     return saved
 
 
 def start_output_dir(out, config, resumed):
-    """Save the config; --overwrite deletes the old experiment only now, once the new run's data
-    and model have been checked."""
-    if not resumed and config["overwrite"] and out.exists():
+    """Mark the folder as an experiment and save the config; --overwrite deletes the old
+    experiment only now, once the new run's config, data and model have been checked."""
+    if not resumed and config["overwrite"] and (out / EXPERIMENT_MARK).exists():
         shutil.rmtree(out)
+    write_json(out / EXPERIMENT_MARK, {"made_by": "utils/train.py", "meaning": (
+        "this folder is an experiment: --resume=True continues it, --overwrite=True replaces it")})
     save_config(config, out / "config.json")
 
 
@@ -251,19 +266,27 @@ def prepare_output_dir(out, config):
     """Refuse to mix two runs in one folder, and clear what a killed run left half-written.
 
     Returns the checkpoint to resume from, or None to start at epoch 1. Nothing is deleted here
-    for --overwrite: that waits until the data and model are known to be good."""
+    for --overwrite: that waits until the data and model are known to be good. Only a folder with
+    the mark that start_output_dir leaves counts as an experiment: anything else, a user's own
+    config.json included, is never written into or deleted."""
     checkpoint = out / "checkpoint.pt"
-    experiment = (out / "config.json").exists() or checkpoint.exists()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file, not an experiment folder; choose another --experiment_name")
+    experiment = (out / EXPERIMENT_MARK).exists()
+    others = sorted(p.name for p in out.iterdir() if not p.name.endswith(TEMP_SUFFIX)) if out.is_dir() else []
+    if others and not experiment:
+        if "config.json" in others:
+            raise UserError(f"{out} holds a config.json but no {EXPERIMENT_MARK}, the mark of a folder this "
+                            "project's training made, so it is left alone; choose another --experiment_name or "
+                            f"--output_dir (an experiment made before the mark existed: create an empty "
+                            f"{EXPERIMENT_MARK} in it)")
+        raise UserError(f"{out} holds {len(others)} file(s) that are not an experiment's, such as {others[0]}; "
+                        "choose another --experiment_name or --output_dir")
     if config["resume"] and not experiment:
-        raise UserError(f"nothing to resume in {out}: it holds no checkpoint.pt or config.json; "
-                        "start without --resume")
+        raise UserError(f"nothing to resume in {out}: it holds no experiment; start without --resume")
     if not config["resume"] and experiment and not config["overwrite"]:
         raise UserError(f"{out} already holds an experiment; continue it with --resume=True, "
                         "replace it with --overwrite=True, or choose another --experiment_name")
-    others = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
-    if others and not experiment:
-        raise UserError(f"{out} holds {len(others)} file(s) that are not an experiment's, such as {others[0]}; "
-                        "choose another --experiment_name or --output_dir")
     leftovers = remove_temp_files(out)
     if leftovers:
         print(f"removed {len(leftovers)} half-written file(s) left by an interrupted run: "
@@ -274,6 +297,12 @@ def prepare_output_dir(out, config):
         print(f"{out} holds no complete checkpoint (the run stopped during its first epoch); starting at epoch 1")
         return None
     return checkpoint
+
+
+def experiment_lock(out):
+    """Held by a run for its whole length, beside its folder (which --overwrite deletes), so
+    that a second run on the same experiment is refused instead of mixing its files in."""
+    return exclusive_lock(out.parent / f".{out.name}.lock", f"experiment {out.name}")
 
 
 def pick_samples(sprites, seed, count=SAMPLE_COUNT):
@@ -327,9 +356,17 @@ def load_model(experiment, device, fast=None):
         raise UserError(f"{path} does not exist; train the experiment first, or name another folder")
     saved = load_checkpoint(path)
     try:
+        if not isinstance(saved, dict):
+            raise ValueError(f"it holds a {type(saved).__name__}, not the dict that training saves")
+        missing = [key for key in ("model", "config", "model_type") if key not in saved]
+        if missing:
+            raise ValueError(f"it lacks {', '.join(missing)}")
+        # The autoencoders' inputs are image_size pixels wide; a prior's are code grids.
+        if saved["model_type"] != "pixelcnn" and "image_size" not in saved["config"]:
+            raise ValueError("its config lacks image_size")
         model = build_model(saved["model_type"], saved["config"])
         model.load_state_dict(saved["model"])
-    except (KeyError, ValueError, RuntimeError) as err:
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:
         raise UserError(f"{path} does not hold a model this code can rebuild: {str(err).splitlines()[0]}") from None
     model = model.to(device, memory_format=torch.channels_last).eval()
     setting = saved["config"] if fast is None else {"fast": fast}
@@ -379,14 +416,20 @@ def training_subset(train_set, max_images, seed):
 def train(model_type, config, device):
     """Train, evaluate and write every output of one experiment; returns its metrics on rank 0,
     None on the other ranks (see utils/data_parallel.py)."""
+    with contextlib.ExitStack() as held:
+        # Rank 0 alone holds the lock; when it cannot, every rank stops with its line.
+        agreed(lambda: held.enter_context(experiment_lock(experiment_folder(config))), first_rank_only=True)
+        return train_unlocked(model_type, config, device)
+
+
+def train_unlocked(model_type, config, device):
+    """`train` once rank 0 holds the experiment's lock."""
     print_config(config)
     uses_fast_path(config, device)
-    if config.get("precision", "fp32") not in PRECISIONS:
-        raise UserError(f"precision {config['precision']!r} is not one of {', '.join(PRECISIONS)}")
     if config.get("precision") == "bf16" and device.type == "cpu" and not cpu_has_bfloat16() and is_first_rank():
         print("warning: this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX), so precision 'bf16' "
               "runs its matrix products in slow scalar code, far slower than 'fp32'", file=sys.stderr)
-    out = (ROOT / config["output_dir"] / config["experiment_name"]).resolve()
+    out = experiment_folder(config)
     checkpoint_path = out / "checkpoint.pt"
     # Rank 0 alone checks the folder and prepares the data; the others read what it made.
     resume_path, data_dir = agreed(lambda: (prepare_output_dir(out, config), data.resolve_dataset(
@@ -418,7 +461,8 @@ def train(model_type, config, device):
         seconds = time.perf_counter() - started
         same_buffers_as_first_rank(model)
         val_terms, val_codes, _ = run_epoch(runner, model_type, val_set, config, device, epoch)
-        row = {"epoch": epoch + 1, "train_seconds": seconds, "train_images": len(train_set)}
+        row = {"epoch": epoch + 1, "train_seconds": seconds, "train_images": len(train_set),
+               "learning_rate": config["learning_rate"]}
         row.update({f"train_{k}": v for k, v in train_terms.items()})
         row.update({f"val_{k}": v for k, v in val_terms.items()})
         if val_codes is not None:
@@ -464,19 +508,24 @@ def train(model_type, config, device):
     return metrics
 
 
+def experiment_folder(config):
+    return (ROOT / config["output_dir"] / config["experiment_name"]).resolve()
+
+
+def interrupted_message(config):
+    return (f"{experiment_folder(config) / 'checkpoint.pt'} holds every finished epoch, intact; "
+            "run the same command with --resume=True to continue")
+
+
 def run_experiment(model_type, defaults, argv):
     """Entry point of the training scripts, run alone or by torchrun: a user's mistake ends every
-    process, with one line from rank 0 and no traceback."""
+    process, with one line from rank 0 and no traceback; so does Ctrl-C."""
     with process_group():
-        try:
-            config = parse_config(defaults, argv)
-            metrics = train(model_type, config, process_device(config["device"]))
-        except UserError as err:
-            if is_first_rank():
-                print(f"error: {err}", file=sys.stderr)
-            # Every rank meets a mistake at the same point (see utils.data_parallel.agreed); the others
-            # wait for rank 0 to say it, for torchrun stops all processes once one has ended.
-            barrier()
-            sys.exit(2)
+        # Every rank meets a mistake at the same point (see utils.data_parallel.agreed); the others
+        # wait for rank 0 to say it, for torchrun stops all processes once one has ended.
+        ending = dict(say=is_first_rank(), before_exit=barrier)
+        config = exit_on_user_error(lambda: parse_config(defaults, argv), **ending)
+        metrics = exit_on_user_error(lambda: train(model_type, config, process_device(config["device"])),
+                                     interrupted=interrupted_message(config), **ending)
         barrier()  # the other ranks end when rank 0 has written the outputs
         return metrics
