@@ -130,7 +130,7 @@ def training_command(name, options, data_dir, output_dir, experiment):
         from bench.throughput import PIXEL_VQVAE_16X16
         command += [f"--{key}={value}" for key, value in PIXEL_VQVAE_16X16.items()]
     if options["tiny"]:
-        from tests.conftest import TINY  # the test suite's tiny models
+        from tests.helpers import TINY  # the test suite's tiny models
         command += ["--image_size=16", "--batch_size=8", "--max_train_images=32", *TINY[script]]
     else:
         command += [f"--batch_size={options['batch_size']}", f"--max_train_images={options['max_train_images']}"]

@@ -208,19 +208,6 @@ def test_weights_of_another_network_are_a_user_error(tmp_path):
         load_fid_inception(other, DIMS)
 
 
-def test_a_pickled_program_as_weights_is_refused_without_advice_to_run_it(tmp_path):
-    class Program:
-        def __reduce__(self):
-            return (print, ("ran",))
-
-    path = tmp_path / "program.pth"
-    torch.save({"conv.weight": Program()}, path)
-    with pytest.raises(UserError) as refused:
-        load_fid_inception(path, DIMS)
-    assert "pickled objects other than tensors" in str(refused.value)
-    assert "weights_only" not in str(refused.value)
-
-
 def test_nearest_resize_is_another_measure_recorded_and_never_mixed_with_bilinear(model, sprites, tmp_path):
     # The nearest path relies on pytorch-fid's bilinear resize from 299 to 299 being the identity.
     x = torch.rand(1, 3, 299, 299)

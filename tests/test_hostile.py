@@ -282,5 +282,5 @@ def test_fid_weights_that_hold_a_pickled_program_are_refused_without_torchs_advi
             Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(tmp_path / side / f"{i}.png")
     assert exit_status(fid_main, [str(tmp_path / "a"), str(tmp_path / "b"), "--weights", str(weights)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"error: cannot load {weights} as pytorch-fid's FID Inception weights")
+    assert len(err) == 1 and err[0].startswith(f"error: {weights} holds pickled objects other than tensors")
     assert "weights_only" not in err[0]

@@ -211,6 +211,6 @@ def test_a_hand_damaged_experiment_file_is_one_line_naming_it(tmp_path, outputs,
             metrics[written] = "small"
         written = json.dumps(metrics).encode()
     path.write_bytes(written)
-    assert exit_status(main, ["--outputs", str(folder)]) == 2
+    assert exit_status(main, ["--outputs", str(folder), "--no-fid"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {path} ") and said in err[0], err

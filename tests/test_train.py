@@ -51,7 +51,7 @@ def test_each_script_trains_end_to_end_and_writes_every_output(script, tmp_path,
 
 def test_an_unknown_fast_setting_is_refused_in_one_line_before_any_work(tmp_path, tiny_data):
     line = refusal(train("train_vae.py", tmp_path, tiny_data, "--fast=sometimes"))
-    assert line == "error: fast 'sometimes' is not one of auto, True, False"
+    assert line == "error: --fast must be one of auto, True, False, got 'sometimes'"
     assert not (tmp_path / "run").exists()
 
 

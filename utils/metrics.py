@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from skimage.metrics import structural_similarity
 
 from utils.data import SkipImage, read_image_file
@@ -236,11 +237,12 @@ def load_rgb(path):
 def load_rgb_and_mask(path):
     """(uint8 RGB, bool sprite mask or None): the mask is alpha > 0 when the PNG has alpha."""
     try:
+        rgba = read_image_file(path)
+        # Only the header, once the guarded loader has accepted the file.
         with Image.open(path) as image:
             alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
-            rgba = np.asarray(image.convert("RGBA"))
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e}") from e
+    except (SkipImage, OSError) as why:
+        raise UserError(f"cannot read {path}: {why}") from None
     return np.ascontiguousarray(rgba[..., :3]), (rgba[..., 3] > 0 if alpha else None)
 
 
