@@ -21,7 +21,7 @@ import numpy as np
 from utils.data import DATA, ROOT
 from utils.errors import UserError, exit_on_user_error
 from utils.fid import fid_statistics, frechet_distance, load_fid_inception, load_statistics, save_statistics
-from utils.fid_weights import resolve_fid_weights, weights_record
+from utils.fid_weights import resolve_fid_weights, sha1_of, weights_record
 from utils.io import atomic_path, write_json
 
 # The experiment each training script writes by default, in the paper's order.
@@ -194,14 +194,10 @@ def _figure_links(experiments):
     return "\n".join(lines)
 
 
-def _sha1(path):
-    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
-
-
 def _fid_key(e, resize, dims):
     """What a cached FID belongs to: this run's metrics (rewritten by every run) and reconstructions."""
     count = sum(1 for _ in (e.path / "reconstructions").glob("*.png"))
-    return {"resize": resize, "dims": dims, "metrics_sha1": _sha1(e.path / "metrics.json"),
+    return {"resize": resize, "dims": dims, "metrics_sha1": sha1_of(e.path / "metrics.json"),
             "reconstructions": count}
 
 
@@ -217,7 +213,7 @@ def reference_statistics(e, model, weights, resize, dims, cache_dir):
     """FidStats of the test split `e` was scored on, computed once per split, weights and measure."""
     folder = reference_dir(e.config)
     manifest = folder.parent / "manifest.json"
-    key = json.dumps([str(folder.resolve()), _sha1(manifest) if manifest.is_file() else None,
+    key = json.dumps([str(folder.resolve()), sha1_of(manifest) if manifest.is_file() else None,
                       weights.sha1, resize, dims])
     path = Path(cache_dir) / f"test-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz"
     if path.is_file():
