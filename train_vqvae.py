@@ -26,6 +26,10 @@ config = dict(
     dead_code_threshold=0.5,  # restart codes whose EMA use falls below this; 0 = off
     use_ssim_loss=False,
     ssim_weight=1.0,
+    # Not in the paper: each pixel's colour chosen from the sprite's own palette, which is carried
+    # beside the codes (models/palette.py), so every output colour is one the sprite has.
+    palette_output=False,
+    palette_features=16,  # per-pixel features the choice compares with each palette colour's embedding
     batch_size=64,  # per process: torchrun --nproc_per_node=N steps on N * batch_size images
     sync_batchnorm=True,  # under torchrun, BatchNorm statistics of the global batch, not each process's
     epochs=25,

@@ -15,7 +15,7 @@ from .vqvae import VQVAE, VQVAEOutput
 MODELS = {"vae": VAE, "vqvae": VQVAE, "pixelcnn": GatedPixelCNN}
 
 __all__ = ["Decoder", "Encoder", "GatedPixelCNN", "MODELS", "QuantizerOutput", "VAE", "VAEOutput",
-           "VQVAE", "VQVAEOutput", "VectorQuantizerEMA", "bits_per_code", "build_model", "model_keys",
+           "VQVAE", "VQVAEOutput", "VectorQuantizerEMA", "bits_per_code", "build_model", "model_defaults", "model_keys",
            "negative_log_likelihood", "sample_codes"]
 
 
@@ -24,6 +24,12 @@ def model_keys(model_type: str) -> list[str]:
     if model_type not in MODELS:
         raise ValueError(f"unknown model_type {model_type!r}; expected one of {sorted(MODELS)}")
     return list(inspect.signature(MODELS[model_type]).parameters)
+
+
+def model_defaults(model_type: str) -> dict:
+    """The defaults of the model keys that have one: what a config saved before the key existed meant."""
+    parameters = inspect.signature(MODELS[model_type]).parameters
+    return {k: p.default for k, p in parameters.items() if p.default is not inspect.Parameter.empty}
 
 
 def build_model(model_type: str, config: dict) -> nn.Module:

@@ -23,11 +23,12 @@ class Decoder(nn.Module):
     Mirrors `Encoder` with the same arguments: PixelSight becomes a 1x1 convolution from
     `in_channels` up to `pixelsight_filters` at the start, each 2x2 stride-2 convolution a 2x2
     stride-2 transposed convolution, and the adapter a 1x1 convolution to `out_channels` at the end.
-    A sigmoid, stretched by `OUTPUT_MARGIN` each way, maps to the [0, 1] range of the images.
+    A sigmoid, stretched by `OUTPUT_MARGIN` each way, maps to the [0, 1] range of the images; without
+    `output_activation` the last layer is linear (features for models/palette.py's choice).
     """
 
     def __init__(self, num_layers: int, in_channels: int, adapter_layer: bool = False,
-                 pixelsight_filters: int = 0, out_channels: int = 3):
+                 pixelsight_filters: int = 0, out_channels: int = 3, output_activation: bool = True):
         super().__init__()
         widths = layer_widths(num_layers, pixelsight_filters or in_channels, adapter_layer)
 
@@ -46,12 +47,14 @@ class Decoder(nn.Module):
                 conv = nn.ConvTranspose2d(channels, width, 2, stride=2, bias=last)
             layers += conv_block(conv, activate=not last)
             channels = width
-        layers.append(StretchedSigmoid())
+        if output_activation:
+            layers.append(StretchedSigmoid())
         self.layers = nn.Sequential(*layers)
+        self.tail = 2 if output_activation else 1
 
     def forward(self, z: Tensor) -> Tensor:
-        hidden = self.layers[:-2](z)
+        hidden = self.layers[:-self.tail](z)
         # The last layer in float32 even under a bfloat16 autocast: bfloat16 resolves steps of
         # 1/256 near 1, too coarse to land on the 1/255 steps of the colours it must hit exactly.
         with torch.autocast(z.device.type, enabled=False):
-            return self.layers[-2:](hidden.to(torch.promote_types(hidden.dtype, torch.float32)))
+            return self.layers[-self.tail:](hidden.to(torch.promote_types(hidden.dtype, torch.float32)))

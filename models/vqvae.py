@@ -5,6 +5,7 @@ from torch import Tensor, nn
 
 from .decoder import Decoder
 from .encoder import Encoder
+from .palette import PaletteHead, Palettes, chosen_colours, sprite_palettes
 from .quantizer import QuantizerOutput, VectorQuantizerEMA
 
 
@@ -12,19 +13,24 @@ class VQVAEOutput(NamedTuple):
     reconstruction: Tensor  # [B, C, H, W] in [0, 1]
     vq_loss: Tensor  # weighted commitment loss, to add to the reconstruction loss
     indices: Tensor  # [B, h, w] codes
+    palette_logits: Tensor | None = None  # [B, K, H, W], with palette_output
+    palettes: Palettes | None = None  # the input's own palettes, with palette_output
 
 
 class VQVAE(nn.Module):
     """Image -> grid of codebook indices -> image.
 
     The plain VQ-VAE has neither `adapter_layer` nor `pixelsight_filters`; Pixel VQ-VAE has both.
+    With `palette_output` the decoder ends in `palette_features` features per pixel, from which
+    models/palette.py chooses one colour of the input's own palette; decoding then needs a palette.
     Keyword names are the config keys, so `VQVAE(**model_config)` builds either.
     """
 
     def __init__(self, num_layers: int, num_embeddings: int, embedding_dim: int,
                  commitment_cost: float = 0.25, ema_decay: float = 0.99,
                  adapter_layer: bool = False, pixelsight_filters: int = 0, in_channels: int = 3,
-                 kmeans_init: bool = False, dead_code_threshold: float = 0.0):
+                 kmeans_init: bool = False, dead_code_threshold: float = 0.0,
+                 palette_output: bool = False, palette_features: int = 16):
         super().__init__()
         self.num_layers, self.pixelsight_filters = num_layers, pixelsight_filters
         self.encoder = Encoder(num_layers, embedding_dim, adapter_layer, pixelsight_filters,
@@ -32,8 +38,10 @@ class VQVAE(nn.Module):
         self.quantizer = VectorQuantizerEMA(num_embeddings, embedding_dim, commitment_cost,
                                             ema_decay, kmeans_init=kmeans_init,
                                             dead_code_threshold=dead_code_threshold)
+        out_channels = palette_features if palette_output else in_channels
         self.decoder = Decoder(num_layers, embedding_dim, adapter_layer, pixelsight_filters,
-                               in_channels)
+                               out_channels, output_activation=not palette_output)
+        self.palette_head = PaletteHead(palette_features) if palette_output else None
 
     def code_grid_size(self, image_size: int) -> int:
         """Side of the code grid for a square image of side `image_size`."""
@@ -53,14 +61,24 @@ class VQVAE(nn.Module):
         """Image [B, C, H, W] -> code indices [B, h, w]."""
         return self.quantize(self.encode_latents(x)).indices
 
-    def decode(self, z_q: Tensor) -> Tensor:
-        """Quantised latents [B, D, h, w] -> image [B, C, H, W]."""
-        return self.decoder(z_q)
+    def decode(self, z_q: Tensor, palettes: Palettes | None = None) -> Tensor:
+        """Quantised latents [B, D, h, w] -> image [B, C, H, W]; a palette-output model draws with
+        `palettes` (one per image, or one for all)."""
+        if self.palette_head is None:
+            return self.decoder(z_q)
+        if palettes is None:
+            raise ValueError("a palette_output model decodes with a palette: pass palettes, e.g. "
+                             "models.palette.sprite_palettes(images) of the sprites to draw with")
+        return chosen_colours(self.palette_head(self.decoder(z_q), palettes), palettes)
 
-    def decode_indices(self, indices: Tensor) -> Tensor:
+    def decode_indices(self, indices: Tensor, palettes: Palettes | None = None) -> Tensor:
         """Code indices [B, h, w] -> image [B, C, H, W]."""
-        return self.decode(self.quantizer.embed_indices(indices))
+        return self.decode(self.quantizer.embed_indices(indices), palettes)
 
     def forward(self, x: Tensor) -> VQVAEOutput:
         quantized = self.quantize(self.encode_latents(x))
-        return VQVAEOutput(self.decode(quantized.quantized), quantized.loss, quantized.indices)
+        if self.palette_head is None:
+            return VQVAEOutput(self.decode(quantized.quantized), quantized.loss, quantized.indices)
+        palettes = sprite_palettes(x)
+        logits = self.palette_head(self.decoder(quantized.quantized), palettes)
+        return VQVAEOutput(chosen_colours(logits, palettes), quantized.loss, quantized.indices, logits, palettes)

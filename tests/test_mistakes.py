@@ -37,6 +37,7 @@ BAD_VALUES = [
     ("dead_code_threshold", "-1", "at least 0"),
     ("ssim_weight", "-1", "at least 0"),
     ("ssim_weight", "inf", "a finite number"),
+    ("palette_features", "0", "at least 1"),
     ("max_filters", "0", "at least 1"),
     ("latent_dim", "0", "at least 1"),
     ("kl_weight", "-1", "at least 0"),
@@ -105,7 +106,7 @@ def test_every_bad_config_value_is_one_line_exit_2_and_nothing_written(script, k
 def test_every_key_of_every_script_has_a_bad_value_in_the_table():
     """A new key must say what its bad values are, so that none ends in a traceback."""
     tabled = {key for key, _, _ in BAD_VALUES}
-    ignored = {"resume", "overwrite", "use_ssim_loss", "kmeans_init", "sync_batchnorm", "device", "fid_weights"}
+    ignored = {"resume", "overwrite", "use_ssim_loss", "palette_output", "kmeans_init", "sync_batchnorm", "device", "fid_weights"}
     assert {key for config in DEFAULTS.values() for key in config} - tabled - ignored == set()
 
 

@@ -82,6 +82,7 @@ RULES = {
     "ema_decay": _ema_decay,
     "dead_code_threshold": _at_least(0),
     "ssim_weight": _at_least(0),
+    "palette_features": _at_least(1),
     "max_filters": _at_least(1),
     "latent_dim": _at_least(1),
     "kl_weight": _at_least(0),

@@ -1,7 +1,8 @@
 """Fusions: two sprites mixed in latent space, the paper's qualitative test of a representation.
 
 For each of a fixed, seeded list of pairs of test sprites (different species, white background,
-no augmentation): a blend, a swap and an interpolation strip."""
+no augmentation): a blend, a swap and an interpolation strip. A palette-output model draws them
+with the union of the two parents' palettes."""
 import json
 import shutil
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.palette import palette_union
 from utils.io import write_json
 from utils.images import from_batch, to_batch
 from utils.plots import image_grid, save_gif, save_png, upscale_nearest
@@ -33,15 +35,20 @@ def latents(model, model_type, x):
     return model.encode(x)[0] if model_type == "vae" else model.encode_latents(x)
 
 
-def decode_latents(model, model_type, z):
-    return model.decode(z) if model_type == "vae" else model.decode(model.quantize(z).quantized)
+def parents_palette(model, xa, xb):
+    """What a palette-output model draws a fusion with: every colour of both parents."""
+    return palette_union(xa, xb) if getattr(model, "palette_head", None) is not None else None
+
+
+def decode_latents(model, model_type, z, palettes=None):
+    return model.decode(z) if model_type == "vae" else model.decode(model.quantize(z).quantized, palettes)
 
 
 def fuse_latents(model, model_type, xa, xb, weights):
     """Decode (1 - w) * latent(a) + w * latent(b) for every w in `weights`."""
     za, zb = latents(model, model_type, xa), latents(model, model_type, xb)
     mixed = torch.cat([(1 - w) * za + w * zb for w in weights])
-    return decode_latents(model, model_type, mixed)
+    return decode_latents(model, model_type, mixed, parents_palette(model, xa, xb))
 
 
 def swap(model, model_type, xa, xb):
@@ -53,7 +60,7 @@ def swap(model, model_type, xa, xb):
         return model.decode(torch.cat([za[:, :half], zb[:, half:]], 1))
     ia, ib = model.encode(xa), model.encode(xb)
     half = ia.shape[1] // 2
-    return model.decode_indices(torch.cat([ia[:, :half], ib[:, half:]], 1))
+    return model.decode_indices(torch.cat([ia[:, :half], ib[:, half:]], 1), parents_palette(model, xa, xb))
 
 
 def write_pair(model, model_type, images, folder, steps, device):

@@ -4,6 +4,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from models.palette import expected_colours
+
 # tf.image.ssim's defaults, which the paper used: an 11x11 Gaussian window of sigma 1.5.
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
 
@@ -47,9 +49,15 @@ def loss_terms(model_type, output, x, config):
         terms["loss"] = recon + output.kl_loss
         return terms
     terms["vq"] = output.vq_loss
-    loss = recon + output.vq_loss
+    if output.palette_logits is None:
+        loss, image = recon + output.vq_loss, output.reconstruction
+    else:
+        # The chosen colours carry no gradient: the choice is trained by its cross-entropy, and
+        # "recon" stays the MSE of what the model outputs, comparable with the other models'.
+        terms["palette"] = F.cross_entropy(output.palette_logits, output.palettes.index)
+        loss, image = terms["palette"] + output.vq_loss, expected_colours(output.palette_logits, output.palettes)
     if config.get("use_ssim_loss"):
-        terms["ssim"] = 1 - ssim(output.reconstruction, x)
+        terms["ssim"] = 1 - ssim(image, x)
         loss = loss + config["ssim_weight"] * terms["ssim"]
     terms["loss"] = loss
     return terms

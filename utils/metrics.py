@@ -146,14 +146,21 @@ def palette_metrics(ref, out, masks):
             "palette_bits": BITS_PER_COLOUR * float(np.mean(sizes)) if sizes else float("nan")}
 
 
-def bits_per_sprite(config):
-    """Bits of a VQ model's code grid for one image: grid cells x log2(codebook size).
+def bits_per_sprite(config, images=None):
+    """Bits that rebuild one image: grid cells x log2(codebook size) for the codes, plus, for a
+    palette-output model, the mean over uint8 `images` of its palette (every distinct colour,
+    BITS_PER_COLOUR each), the side information its decoder draws with.
 
     None for the VAE, whose latent is a vector of floats with no fixed bit count."""
     if "num_embeddings" not in config:
         return None
     side = config["image_size"] // 2 ** config["num_layers"]
-    return side * side * math.log2(config["num_embeddings"])
+    bits = side * side * math.log2(config["num_embeddings"])
+    if config.get("palette_output"):
+        if images is None:
+            raise ValueError("a palette-output model's bits per sprite count its palettes: pass the images")
+        bits += BITS_PER_COLOUR * colours_per_image(images)
+    return bits
 
 
 def codebook_stats(counts):

@@ -19,7 +19,7 @@ from utils.metrics import codebook_stats, colour_keys
 
 SPLITS = ("train", "val")
 # Named rather than "every train_ key": a history also holds train_seconds and codebook numbers.
-LOSS_TERMS = ("loss", "recon", "vq", "kl", "ssim", "bits_per_code")
+LOSS_TERMS = ("loss", "recon", "palette", "vq", "kl", "ssim", "bits_per_code")
 
 
 def upscale_nearest(image, factor):

@@ -13,12 +13,13 @@ import torch
 from tqdm import tqdm
 
 from models import build_model, negative_log_likelihood, sample_codes
+from models.palette import sprite_palettes
 from utils.config import parse_config, print_config
 from utils.device import choose_device
 from utils.errors import UserError, exit_on_user_error
 from utils.fid import fid
 from utils.fid_weights import resolve_fid_weights, weights_record
-from utils.images import from_batch
+from utils.images import from_batch, to_batch
 from utils.io import atomic_path, write_json
 from utils.plots import image_grid, save_png, upscale_nearest
 from utils.train import (LOG_EVERY, ROOT, TrainingDiverged, batches, experiment_folder, experiment_lock,
@@ -31,6 +32,7 @@ CODES_FILE = "codes.npz"
 # nearly all pixels, not all; `code_duplicate_share` is the exact test on the codes themselves.
 DUPLICATE_PIXEL_SHARE = 0.99
 NEAREST_CHUNK = 1024  # training images per distance product: about 100 MB of float64 at 64x64
+GRID_CHUNK = 64  # training code grids per comparison: 1,000 samples of 64x64 codes make 260 MB
 GRID_COLUMNS = 8
 
 
@@ -118,14 +120,30 @@ def run_prior_epoch(model, grids, config, device, epoch, optimizer=None):
     return bits
 
 
-def decode_grids(vq_model, grids, batch_size, device):
-    """uint8 images [N, H, W, 3] of code grids [N, h, w], decoded by the VQ model."""
+def decode_grids(vq_model, grids, batch_size, device, palette_images=None):
+    """uint8 images [N, H, W, 3] of code grids [N, h, w], decoded by the VQ model; a palette-output
+    model draws grid i with the colours of uint8 `palette_images[i]`."""
     images = []
     with torch.inference_mode():
         for start in range(0, len(grids), batch_size):
             codes = torch.from_numpy(grids[start:start + batch_size]).to(device).long()
-            images.append(from_batch(vq_model.decode_indices(codes)))
+            palettes = None if palette_images is None else sprite_palettes(
+                to_batch(palette_images[start:start + batch_size], device), with_index=False)
+            images.append(from_batch(vq_model.decode_indices(codes, palettes)))
     return np.concatenate(images)
+
+
+def nearest_grids(grids, reference):
+    """For each code grid [N, h, w], the index of the `reference` grid with most codes in common."""
+    flat = torch.from_numpy(grids.reshape(len(grids), -1))
+    best = torch.full((len(grids),), -1, dtype=torch.long)
+    index = torch.zeros(len(grids), dtype=torch.long)
+    for start in range(0, len(reference), GRID_CHUNK):
+        chunk = torch.from_numpy(reference[start:start + GRID_CHUNK].reshape(-1, flat.shape[1]))
+        shared, where = (flat[:, None] == chunk[None]).sum(-1).max(1)
+        closer = shared > best
+        best, index = torch.where(closer, shared, best), torch.where(closer, where + start, index)
+    return index.numpy()
 
 
 def nearest_images(samples, images):
@@ -164,12 +182,18 @@ def sample_fid(samples, test_images, config, device):
     return {"fid": value, "fid_weights": weights_record(weights)}
 
 
-def write_samples(prior, vq_model, train_grids, train_set, test_set, out, config, device):
-    """New sprites, each beside its nearest training image, in `out`; returns their metrics."""
+def write_samples(prior, vq_model, train_grids, coded_set, train_set, test_set, out, config, device):
+    """New sprites, each beside its nearest training image, in `out`; returns their metrics.
+    `train_grids` are the codes of `coded_set`'s images; a palette-output VQ model draws each sample
+    with the palette of the one of them whose codes it shares most."""
     shape = (config["num_samples"], *train_grids.shape[1:])
     codes = sample_codes(prior.eval(), shape, config["temperature"], generator=config["seed"], device=device)
     codes = codes.cpu().numpy().astype(np.int32)
-    samples = decode_grids(vq_model, codes, config["batch_size"], device)
+    palette_images, palette = None, {}
+    if getattr(vq_model, "palette_head", None) is not None:
+        palette_images = coded_set.images[nearest_grids(codes, train_grids)]
+        palette = {"sample_palette": "the training sprite with the most codes in common"}
+    samples = decode_grids(vq_model, codes, config["batch_size"], device, palette_images)
     names = [f"sample_{i:03d}.png" for i in range(len(samples))]
     for name, image in zip(names, samples):
         save_png(image, out / "samples" / name)
@@ -187,7 +211,7 @@ def write_samples(prior, vq_model, train_grids, train_set, test_set, out, config
     save_png(upscale_nearest(image_grid(pairs, columns), 2), out / "nearest_grid.png")
 
     learnt = {grid.tobytes() for grid in train_grids}
-    return {"num_samples": len(samples), "temperature": config["temperature"],
+    return {"num_samples": len(samples), "temperature": config["temperature"], **palette,
             "nearest_mse_mean": float(distances.mean()), "nearest_mse_min": float(distances.min()),
             "nearest_mse_max": float(distances.max()),
             "duplicate_share": float((same_pixels >= DUPLICATE_PIXEL_SHARE).mean()),
@@ -257,7 +281,8 @@ def train_prior(config):
         "device": str(device),
     }
     started = time.perf_counter()
-    metrics.update(write_samples(model, vq_model, grids["train"], train_set, test_set, out, config, device))
+    metrics.update(write_samples(model, vq_model, grids["train"], splits["train"], train_set, test_set, out, config,
+                                 device))
     metrics["sample_seconds"] = round(time.perf_counter() - started, 2)
     write_json(out / "metrics.json", metrics)
     print(f"test {metrics['test_bits_per_code']:.4f} bits/code (uniform: {metrics['uniform_bits_per_code']:.1f}); "

@@ -74,8 +74,10 @@ def state(entry, args):
         raise UserError(f"{folder} holds files but no config.json: it is not an experiment of this plan; "
                         "move it away or choose another --outputs")
     saved, wanted = json.loads(config_path.read_text()), resolved_config(entry, args)
+    # A key the script gained after the experiment ran meant, then, its default.
+    defaults = script_defaults(entry["script"])
     differ = [key for key in sorted(set(saved) | set(wanted)) if key not in RUN_KEYS
-              and saved.get(key) != wanted.get(key)]
+              and saved.get(key, defaults.get(key)) != wanted.get(key)]
     if differ:
         listed = ", ".join(f"{k} (folder {saved.get(k)!r}, plan {wanted.get(k)!r})" for k in differ[:5])
         raise UserError(f"{folder} holds an experiment whose config differs from the plan's: {listed}; "

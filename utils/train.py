@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models import build_model, model_keys
+from models import build_model, model_defaults, model_keys
 from models.collectives import all_reduce_sum
 from models.fast import accelerate
 from models.fast.threads import cpu_has_bfloat16
@@ -191,8 +191,10 @@ def vae_noise(size, config, device):
 
 
 def architecture(config, model_type):
-    """The config keys a checkpoint must agree on to be loaded into this model."""
-    return {key: config.get(key) for key in model_keys(model_type) + ["image_size"]}
+    """The config keys a checkpoint must agree on to be loaded into this model; a key newer than
+    the checkpoint counts as its default."""
+    defaults = model_defaults(model_type)
+    return {key: config.get(key, defaults.get(key)) for key in model_keys(model_type) + ["image_size"]}
 
 
 def load_checkpoint(path):
@@ -486,7 +488,7 @@ def train_unlocked(model_type, config, device):
 
     write_reconstructions(out / "reconstructions", test_set.names, reconstructions)
     metrics = image_metrics(test_set.images, reconstructions, test_set.masks)
-    metrics["bits_per_sprite"] = bits_per_sprite(config)
+    metrics["bits_per_sprite"] = bits_per_sprite(config, test_set.images)
     if test_codes is not None:
         metrics.update(codebook_stats(test_codes))
         plot_codebook_usage(history, test_codes, out / "codebook_usage.png")

@@ -60,6 +60,8 @@ def problem(model: nn.Module, device: torch.device) -> str | None:
     for name, module in model.named_modules():
         if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
             return f"{name or 'the model'} has a hook, which the fused layers would not call"
+    if getattr(model, "palette_head", None) is not None:
+        return "palette_head: the fast path decodes colours, not a choice over each sprite's palette"
     children = {"encoder": Encoder, "decoder": Decoder}
     if type(model) is VQVAE:
         children["quantizer"] = VectorQuantizerEMA

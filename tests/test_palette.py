@@ -1,0 +1,145 @@
+"""The palette-exact output: each pixel's colour chosen from the sprite's own palette."""
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from models import VQVAE
+from models.fast import FastPathUnavailable, accelerate
+from models.palette import palette_union, sprite_palettes
+from tests.helpers import palette_batch, train
+from utils.losses import loss_terms
+from utils.metrics import BITS_PER_COLOUR, bits_per_sprite, colours_per_image
+from utils.prior import decode_grids, nearest_grids
+
+TINY_PALETTE = dict(num_layers=1, num_embeddings=16, embedding_dim=8, palette_output=True, palette_features=8)
+
+
+def keys(images):
+    """The 24-bit colour of every pixel of a float batch [B, 3, H, W]."""
+    levels = (images * 255).round().long()
+    return (levels[:, 0] << 16) | (levels[:, 1] << 8) | levels[:, 2]
+
+
+def test_palettes_hold_each_images_distinct_colours_and_index_every_pixel():
+    x = palette_batch(n=4, colours=12)
+    palettes = sprite_palettes(x)
+    for b in range(len(x)):
+        own = keys(x[b:b + 1]).unique()
+        assert int(palettes.valid[b].sum()) == len(own)
+        listed = keys(palettes.colours[b, palettes.valid[b]].T[None, :, :, None])[0, :, 0]
+        assert torch.equal(listed, own)
+        # Every pixel's entry is its own colour: the target of the choice is exact.
+        looked_up = palettes.colours[b][palettes.index[b]].permute(2, 0, 1)
+        assert torch.equal(looked_up, x[b])
+
+
+def test_union_palette_holds_the_colours_of_both_parents():
+    x = palette_batch(n=2, colours=12)
+    union = palette_union(x[:1], x[1:])
+    both = torch.cat([keys(x[:1]).flatten(), keys(x[1:]).flatten()]).unique()
+    assert union.index is None and int(union.valid.sum()) == len(both)
+
+
+def test_every_output_colour_is_one_of_the_inputs_own():
+    torch.manual_seed(0)
+    model = VQVAE(**TINY_PALETTE).eval()
+    x = palette_batch(n=4, colours=12)
+    out = model(x).reconstruction
+    for b in range(len(x)):
+        assert torch.isin(keys(out[b:b + 1]), keys(x[b:b + 1])).all()
+
+
+def test_training_the_choice_makes_pixels_exact():
+    torch.manual_seed(0)
+    # The scripts' quantiser settings: with k-means placement alone two of the seven colours end
+    # on one code here, and the choice cannot part them.
+    model = VQVAE(**{**TINY_PALETTE, "num_embeddings": 64, "kmeans_init": True, "dead_code_threshold": 0.5})
+    x = palette_batch(n=8, colours=6)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    config = {"use_ssim_loss": False}
+
+    def exact_share():
+        model.eval()
+        with torch.no_grad():
+            share = (keys(model(x).reconstruction) == keys(x)).float().mean().item()
+        model.train()
+        return share
+
+    before = exact_share()
+    for _ in range(300):
+        optimizer.zero_grad()
+        terms = loss_terms("vqvae", model(x), x, config)
+        terms["loss"].backward()
+        optimizer.step()
+    assert terms["palette"].requires_grad and not terms["recon"].requires_grad
+    after = exact_share()
+    assert before < 0.5 and after > 0.99, (before, after)
+
+
+def test_ssim_term_trains_through_the_expected_colours():
+    model = VQVAE(**TINY_PALETTE)
+    x = palette_batch(n=2, colours=6)
+    terms = loss_terms("vqvae", model(x), x, {"use_ssim_loss": True, "ssim_weight": 1.0})
+    terms["loss"].backward()
+    assert model.palette_head.embed[0].weight.grad.abs().sum() > 0
+
+
+def test_decoding_codes_needs_a_palette_and_matches_the_forward_pass_with_the_inputs_own():
+    torch.manual_seed(0)
+    model = VQVAE(**TINY_PALETTE).eval()
+    x = palette_batch(n=3, colours=10)
+    with torch.no_grad():
+        codes = model.encode(x)
+        with pytest.raises(ValueError, match="decodes with a palette"):
+            model.decode_indices(codes)
+        decoded = model.decode_indices(codes, sprite_palettes(x, with_index=False))
+        assert torch.equal(decoded, model(x).reconstruction)
+
+
+def test_the_fast_path_leaves_a_palette_model_to_its_own_forward_with_one_warning():
+    model = VQVAE(**TINY_PALETTE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runner = accelerate(model, torch.device("cpu"))
+    assert runner is model
+    assert [str(w.message) for w in caught if issubclass(w.category, FastPathUnavailable)][0].count("palette_head")
+
+
+def test_bits_per_sprite_counts_the_palette_beside_the_codes():
+    images = (palette_batch(n=4, colours=9) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    config = {"image_size": 16, "num_layers": 1, "num_embeddings": 16}
+    assert bits_per_sprite(config) == 8 * 8 * 4
+    palette_bits = BITS_PER_COLOUR * colours_per_image(images)
+    assert bits_per_sprite({**config, "palette_output": True}, images) == 8 * 8 * 4 + palette_bits
+    with pytest.raises(ValueError, match="pass the images"):
+        bits_per_sprite({**config, "palette_output": True})
+
+
+def test_prior_samples_take_the_palette_of_the_training_grid_sharing_most_codes():
+    reference = np.array([[[0, 0], [0, 0]], [[1, 2], [3, 4]], [[1, 2], [0, 0]]], np.int32)
+    samples = np.array([[[1, 2], [3, 0]], [[0, 0], [0, 5]]], np.int32)
+    assert nearest_grids(samples, reference).tolist() == [1, 0]
+    torch.manual_seed(0)
+    model = VQVAE(**TINY_PALETTE).eval()
+    x = palette_batch(n=2, colours=10)
+    owners = (x * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    grids = model.encode(x).numpy().astype(np.int32)
+    drawn = decode_grids(model, grids, 2, torch.device("cpu"), palette_images=owners)
+    for image, owner in zip(drawn, owners):
+        colour = lambda a: a[..., 0].astype(np.int64) << 16 | a[..., 1].astype(np.int64) << 8 | a[..., 2]
+        assert np.isin(colour(image), colour(owner)).all()
+
+
+def test_palette_model_trains_end_to_end_with_fusions_and_honest_bits(tmp_path, tiny_data):
+    done = train("train_vqvae.py", tmp_path, tiny_data, "--palette_output=True", "--palette_features=8")
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["foreign_colour_rate"] == 0.0
+    assert metrics["bits_per_sprite"] > 8 * 8 * np.log2(16)
+    assert (run / "fusions").is_dir() and any((run / "fusions").rglob("blend.png"))
+    history = json.loads((run / "history.json").read_text())
+    assert "train_palette" in history[0]
