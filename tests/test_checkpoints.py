@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from utils.errors import UserError
-from utils.train import load_checkpoint, load_model
+import train_vqvae
+from utils.train import architecture, load_checkpoint, load_model
 
 
 class RunsCode:
@@ -72,3 +73,10 @@ def test_a_model_file_whose_config_lacks_the_image_size_is_a_clear_error(tmp_pat
     torch.save(saved, tmp_path / "model.pt")
     with pytest.raises(UserError, match="does not hold a model this code can rebuild: its config lacks image_size"):
         load_model(tmp_path, "cpu")
+
+
+def test_a_model_key_newer_than_the_checkpoint_counts_as_its_default():
+    config = dict(train_vqvae.config)
+    older = {key: value for key, value in config.items() if key not in ("palette_output", "palette_features")}
+    assert architecture(older, "vqvae") == architecture(config, "vqvae")
+    assert architecture(older, "vqvae") != architecture({**config, "palette_output": True}, "vqvae")

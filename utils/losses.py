@@ -49,14 +49,17 @@ def loss_terms(model_type, output, x, config):
         terms["loss"] = recon + output.kl_loss
         return terms
     terms["vq"] = output.vq_loss
+    image = output.reconstruction
     if output.palette_logits is None:
-        loss, image = recon + output.vq_loss, output.reconstruction
+        loss = recon + output.vq_loss
     else:
         # The chosen colours carry no gradient: the choice is trained by its cross-entropy, and
         # "recon" stays the MSE of what the model outputs, comparable with the other models'.
         terms["palette"] = F.cross_entropy(output.palette_logits, output.palettes.index)
-        loss, image = terms["palette"] + output.vq_loss, expected_colours(output.palette_logits, output.palettes)
+        loss = terms["palette"] + output.vq_loss
     if config.get("use_ssim_loss"):
+        if output.palette_logits is not None:
+            image = expected_colours(output.palette_logits, output.palettes)
         terms["ssim"] = 1 - ssim(image, x)
         loss = loss + config["ssim_weight"] * terms["ssim"]
     terms["loss"] = loss
