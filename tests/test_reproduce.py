@@ -41,9 +41,10 @@ def smoke_plan():
 def test_smoke_plan_holds_every_group_at_equal_capacity():
     entries = smoke_plan()
     names = [e["name"] for e in entries]
-    assert names == ["paper_pixel_vqvae_s42", "paper_vqvae_s42", "paper_vae_s42", "ablation_vqvae_s42",
-                     "ablation_adapter_s42", "ablation_pixelsight_s42", "ablation_pixel_vqvae_s42",
-                     "ablation_pixel_vqvae_ssim_s42", "prior_pixel_vqvae_s42", "prior_vqvae_s42"]
+    # The priors come right after the models they read, before the weights could be lost.
+    assert names == ["ablation_vqvae_s42", "ablation_adapter_s42", "ablation_pixelsight_s42",
+                     "ablation_pixel_vqvae_s42", "ablation_pixel_vqvae_ssim_s42", "prior_pixel_vqvae_s42",
+                     "prior_vqvae_s42", "paper_pixel_vqvae_s42", "paper_vqvae_s42", "paper_vae_s42"]
     ablation = {e["config"]: {**script_defaults(e["script"]), **e["overrides"]} for e in entries
                 if e["group"] == "ablation"}
     # Every stage has the same grid and codebook; each adds its switch to the stage before.
@@ -155,6 +156,32 @@ def test_a_folder_whose_config_differs_from_the_plan_is_refused_and_left_alone(s
     assert line.startswith("error:") and "ablation_adapter_s42" in line and "epochs (folder 7, plan 1)" in line
     # Refused before anything ran: no experiment, log or result was touched.
     assert after == before
+
+
+def test_a_new_machine_skips_what_is_published_and_retrains_what_an_unfinished_prior_needs(smoke, tmp_path):
+    (_, results, data, weights), _, _ = smoke
+    copy = tmp_path / "results"
+    subprocess.run(["cp", "-r", str(results), str(copy)], check=True)
+    folders = (tmp_path / "outputs", copy, data, weights)
+    done = reproduce(folders, "--dry-run")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count(": published") == 10
+    # One prior's results lost: it runs again, and so must the model whose weights it reads.
+    subprocess.run(["rm", "-r", str(copy / "prior_vqvae_s42")], check=True)
+    lines = reproduce(folders, "--dry-run").stdout.splitlines()
+    new = [line.split()[1] for line in lines if line.endswith(": new")]
+    assert new == ["ablation_vqvae_s42", "prior_vqvae_s42"]
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_published_experiment_whose_config_differs_from_the_plan_is_refused(smoke, tmp_path):
+    (_, results, data, weights), _, _ = smoke
+    copy = tmp_path / "results"
+    subprocess.run(["cp", "-r", str(results), str(copy)], check=True)
+    config_path = copy / "paper_vae_s42" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "latent_dim": 3}))
+    line = refusal(reproduce((tmp_path / "outputs", copy, data, weights), "--dry-run"))
+    assert line.startswith("error:") and "published" in line and "latent_dim (folder 3, plan 8)" in line
 
 
 def test_only_a_group_also_runs_the_experiments_it_needs(tmp_path, capsys):

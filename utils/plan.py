@@ -26,26 +26,28 @@ PAPER = (
 # Priors over the first seed's 16x16 VQ-VAE and Pixel VQ-VAE: the same prior, the same budget.
 DOWNSTREAM = (("pixel_vqvae", "Pixel VQ-VAE 16x16"), ("vqvae", "VQ-VAE 16x16"))
 
-# Training images/s of each kind on an idle 2-core Zen 5 (README "Speed", bench/README.md), and
-# minutes a run spends beyond training (validation each epoch, test evaluation, fusions, the FID of
-# 3,816 reconstructions at 10-30 images/s). Adapter-only and PixelSight-only were not measured:
-# a guess from the stages they share with the measured models.
-SPEED = {"paper_pixel_vqvae": 400, "paper_vqvae": 6000, "paper_vae": 450,
-         "ablation_vqvae": 5000, "ablation_adapter": 3000, "ablation_pixelsight": 130,
-         "ablation_pixel_vqvae": 120, "ablation_pixel_vqvae_ssim": 100,
+# Training images/s of each kind on the 2-core Intel Xeon (2.8 GHz, AVX-512) of 2026-12-03
+# (`python bench/throughput.py --precisions=fp32 --repeats=2`: per pixel 155, 16x16 Pixel VQ-VAE 59,
+# VQ-VAE 1,330, VAE 144), and minutes a run spends beyond training (validation each epoch, test
+# evaluation, fusions, the FID of 3,816 reconstructions). Adapter-only, PixelSight-only, the SSIM
+# term and the prior were not measured: guesses from the stages they share with the measured models.
+SPEED = {"paper_pixel_vqvae": 155, "paper_vqvae": 1330, "paper_vae": 144,
+         "ablation_vqvae": 1100, "ablation_adapter": 700, "ablation_pixelsight": 65,
+         "ablation_pixel_vqvae": 59, "ablation_pixel_vqvae_ssim": 50,
          # grids/s of the cpu budget's prior; sampling 1,000 grids and their FID take ~12 minutes
-         "prior": 100}
+         "prior": 60}
 OVERHEAD_MINUTES = {"autoencoder": 5, "prior": 12}
 
 BUDGETS = {
     # The paper's length: every script at its defaults, 25 epochs, the prior at its own (20 epochs).
     "paper": {"all": {}, "prior": {"num_samples": 1000}, "seeds_for_paper_group": 3},
-    # About five hours of the 2-core CPU (see `estimate_minutes`): the paper's configurations
+    # About five hours of the 2-core CPU above (see `estimate_minutes`): the paper's configurations
     # shortened where the issue saw validation stop improving (per-pixel model, epoch 2), the 16x16
-    # ablation and its priors at 2 epochs, at 1e-3, which trained far better than 1e-4 in short runs.
-    "cpu": {"all": {}, "paper_pixel_vqvae": {"epochs": 5}, "paper_vae": {"epochs": 8},
-            "ablation": {"epochs": 2, "learning_rate": 1e-3},
-            "prior": {"epochs": 2, "hidden_channels": 64, "num_layers": 8, "kernel_size": 3, "num_samples": 1000},
+    # ablation at one epoch of the training split at 1e-3, which trained far better than 1e-4 in
+    # short runs, and its priors at one epoch.
+    "cpu": {"all": {}, "paper_pixel_vqvae": {"epochs": 3}, "paper_vae": {"epochs": 5},
+            "ablation": {"epochs": 1, "learning_rate": 1e-3},
+            "prior": {"epochs": 1, "hidden_channels": 64, "num_layers": 8, "kernel_size": 3, "num_samples": 1000},
             "seeds_for_paper_group": 1},
     # Everything tiny, for the test on a tiny 16x16 data set: one epoch of 64 images, narrow layers.
     "smoke": {"all": {"image_size": 16, "batch_size": 8, "epochs": 1, "max_train_images": 64, "learning_rate": 3e-3,
@@ -65,14 +67,20 @@ def _entry(group, config, label, script, seed, overrides, needs=()):
 
 
 def base_plan(seeds, paper_seeds):
-    """Every experiment at the scripts' own length, before a budget is applied."""
-    plan = [_entry("paper", f"paper_{key}", label, script, seed, {})
-            for seed in seeds[:paper_seeds] for key, label, script in PAPER]
-    plan += [_entry("ablation", f"ablation_{key}", label, script, seed, {**GRID_16X16, **extra})
-             for seed in seeds for key, label, script, extra in ABLATION]
+    """Every experiment at the scripts' own length, before a budget is applied. The first seed's
+    ablation and the priors over it come first: a prior needs its VQ model's weights, which only
+    the session that trained them still has (a new machine keeps just the published small files)."""
+    def ablation(seed):
+        return [_entry("ablation", f"ablation_{key}", label, script, seed, {**GRID_16X16, **extra})
+                for key, label, script, extra in ABLATION]
+    plan = ablation(seeds[0])
     plan += [_entry("downstream", f"prior_{key}", f"prior over {label}", "train_pixelcnn.py", seeds[0],
                     {"vq_experiment": f"ablation_{key}_s{seeds[0]}"}, needs=[f"ablation_{key}_s{seeds[0]}"])
              for key, label in DOWNSTREAM]
+    plan += [_entry("paper", f"paper_{key}", label, script, seed, {})
+             for seed in seeds[:paper_seeds] for key, label, script in PAPER]
+    for seed in seeds[1:]:
+        plan += ablation(seed)
     return plan
 
 

@@ -7,7 +7,8 @@
 
 Each experiment of `utils/plan.py` runs through its training script's command line, its output in
 OUTPUTS/<experiment>/ and its log in OUTPUTS/.reproduce/<experiment>.log. A finished experiment
-(metrics.json, and a config.json equal to the plan's) is skipped; an unfinished one is resumed; a
+(metrics.json, and a config.json equal to the plan's) is skipped, as is one published in RESULTS
+by another machine, unless a prior still to run needs its weights; an unfinished one is resumed; a
 folder whose config differs from the plan is refused before anything runs, and never overwritten.
 As each autoencoder ends, the FID of its test reconstructions is computed (utils.report) and its
 small files are copied into RESULTS/<experiment>/ (never weights or reconstructions), from which
@@ -28,13 +29,15 @@ from utils.errors import UserError
 from utils.fid_weights import resolve_fid_weights
 from utils.io import write_json
 from utils.report import DEFAULT_FID, load_experiments, update_fids
-from utils.results import publish, write_results
+from utils.results import RUN_FILE, publish, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = ".reproduce"  # a dot folder: utils.report and the scripts' folder checks pass it by
 LOG_TAIL = 20
 # Not part of what an experiment is: how this run of it was started.
 RUN_KEYS = ("resume", "overwrite")
+# Where this machine keeps outputs and weights: another machine's published run differs only there.
+PLACE_KEYS = ("output_dir", "fid_weights")
 
 
 @functools.cache
@@ -62,27 +65,58 @@ def resolved_config(entry, args):
     return parse_config(script_defaults(entry["script"]), [f"--{k}={_text(v)}" for k, v in keys.items()])
 
 
+def config_differences(saved, entry, args, ignored=RUN_KEYS):
+    """The keys whose saved value is not the plan's, as one readable list ('' when none)."""
+    wanted = resolved_config(entry, args)
+    # A key the script gained after the experiment ran meant, then, its default.
+    defaults = script_defaults(entry["script"])
+    differ = [key for key in sorted(set(saved) | set(wanted)) if key not in ignored
+              and saved.get(key, defaults.get(key)) != wanted.get(key)]
+    return ", ".join(f"{k} (folder {saved.get(k)!r}, plan {wanted.get(k)!r})" for k in differ[:5])
+
+
+def published_state(entry, args):
+    """'published' where RESULTS holds this plan's finished experiment, else 'new'."""
+    folder = args.results / entry["name"]
+    needed = [folder / name for name in (RUN_FILE, "metrics.json", "config.json")]
+    if not all(path.is_file() for path in needed):
+        return "new"
+    differ = config_differences(json.loads(needed[2].read_text()), entry, args, RUN_KEYS + PLACE_KEYS)
+    if differ:
+        raise UserError(f"{folder} holds a published experiment whose config differs from the plan's: {differ}; "
+                        "it is not overwritten: move it away, or choose another --results or --budget")
+    return "published"
+
+
 def state(entry, args):
-    """'new', 'resume' or 'done', or raises UserError where the folder is not this plan's."""
+    """'new', 'resume', 'done', or 'published' (finished on another machine: only its small files
+    are here), or raises UserError where a folder is not this plan's."""
     folder = args.outputs / entry["name"]
     if not folder.is_dir() or not any(folder.iterdir()):
-        return "new"
+        return published_state(entry, args)
     config_path = folder / "config.json"
     if not config_path.exists():
         if (folder / "checkpoint.pt").exists():
             return "resume"  # the script checks the checkpoint's architecture against the plan
         raise UserError(f"{folder} holds files but no config.json: it is not an experiment of this plan; "
                         "move it away or choose another --outputs")
-    saved, wanted = json.loads(config_path.read_text()), resolved_config(entry, args)
-    # A key the script gained after the experiment ran meant, then, its default.
-    defaults = script_defaults(entry["script"])
-    differ = [key for key in sorted(set(saved) | set(wanted)) if key not in RUN_KEYS
-              and saved.get(key, defaults.get(key)) != wanted.get(key)]
+    differ = config_differences(json.loads(config_path.read_text()), entry, args)
     if differ:
-        listed = ", ".join(f"{k} (folder {saved.get(k)!r}, plan {wanted.get(k)!r})" for k in differ[:5])
-        raise UserError(f"{folder} holds an experiment whose config differs from the plan's: {listed}; "
+        raise UserError(f"{folder} holds an experiment whose config differs from the plan's: {differ}; "
                         "it is not overwritten: move it away, or choose another --outputs or --budget")
     return "done" if (folder / "metrics.json").exists() else "resume"
+
+
+def plan_states(entries, args):
+    """Each entry's state; a published experiment that an unfinished one needs is trained again,
+    since what it needs (the VQ model's weights) is not published."""
+    states = {e["name"]: state(e, args) for e in entries}
+    for entry in entries:
+        if states[entry["name"]] not in ("done", "published"):
+            for need in entry["needs"]:
+                if states[need] == "published":
+                    states[need] = "new"
+    return states
 
 
 def selected(entries, only):
@@ -183,14 +217,16 @@ def reproduce(args):
     if args.fid_weights is not None:
         resolve_fid_weights(args.fid_weights)
     entries = selected(planned.plan(args.budget, args.seeds, script_defaults), args.only)
-    states = {e["name"]: state(e, args) for e in entries}
-    total = sum(e["estimate_minutes"] or 0 for e in entries if states[e["name"]] != "done")
+    states = plan_states(entries, args)
+    total = sum(e["estimate_minutes"] or 0 for e in entries if states[e["name"]] not in ("done", "published"))
     print(f"{len(entries)} experiments at the {args.budget} budget, seeds {','.join(map(str, args.seeds))}"
           + (f"; about {total / 60:.1f} h to run on an idle 2-core CPU" if total else ""))
     for number, entry in enumerate(entries, 1):
         status = states[entry["name"]]
         print(f"[{number}/{len(entries)}] {describe(entry, status)}", flush=True)
         if args.dry_run:
+            continue
+        if status == "published":
             continue
         if status != "done":
             code = run_one(entry, status, args)
