@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 COLOUR_LEVELS = 255
 
@@ -67,6 +68,57 @@ class PaletteHead(nn.Module):
         return logits.masked_fill(~valid[:, :, None, None], float("-inf"))
 
 
+# Logits held at once: a training image on a noise background has a palette of thousands of
+# colours, so a whole batch's [B, K, H, W] logits (and their gradients) would take gigabytes.
+LOGIT_BUDGET = 1 << 24
+
+
+def _rows(palettes: Palettes, start: int, stop: int) -> Palettes:
+    if palettes.colours.shape[0] == 1:  # one palette for every image
+        return palettes
+    index = None if palettes.index is None else palettes.index[start:stop]
+    return Palettes(palettes.colours[start:stop], palettes.valid[start:stop], index)
+
+
+class PaletteChoice:
+    """The choice of each pixel's colour among its palette's entries, computed a few images at a
+    time (LOGIT_BUDGET); with gradients, each chunk's logits are recomputed in the backward pass
+    instead of kept."""
+
+    def __init__(self, head: PaletteHead, features: Tensor, palettes: Palettes):
+        self.head, self.features, self.palettes = head, features, palettes
+        per_image = palettes.colours.shape[1] * features.shape[2] * features.shape[3]
+        step = max(1, LOGIT_BUDGET // per_image)
+        self.chunks = [(i, min(i + step, len(features))) for i in range(0, len(features), step)]
+
+    def _each_chunk(self, term):
+        """term(logits, palettes of the chunk) for each chunk of images, checkpointed when it
+        needs gradients."""
+        def chunk(features, start, stop):
+            rows = _rows(self.palettes, start, stop)
+            return term(self.head(features, rows), rows)
+        grad = torch.is_grad_enabled() and self.features.requires_grad
+        return [checkpoint(chunk, self.features[a:b], a, b, use_reentrant=False) if grad
+                else chunk(self.features[a:b], a, b) for a, b in self.chunks]
+
+    def chosen_colours(self) -> Tensor:
+        """The likeliest entry of each pixel's palette, as an image [B, 3, H, W]; no gradient."""
+        with torch.no_grad():
+            return torch.cat(self._each_chunk(chosen_colours))
+
+    def cross_entropy(self) -> Tensor:
+        """Mean cross-entropy of each pixel's own entry: the input's palettes must index it."""
+        if self.palettes.index is None:
+            raise ValueError("the cross-entropy needs the input's own palettes, with their index")
+        total = sum(self._each_chunk(lambda logits, rows: F.cross_entropy(logits, rows.index, reduction="sum")))
+        return total / self.palettes.index.numel()
+
+    def expected_colours(self) -> Tensor:
+        """The softmax-weighted mean colour of each pixel [B, 3, H, W]: a differentiable stand-in
+        for the chosen colour, for terms such as SSIM that need an image."""
+        return torch.cat(self._each_chunk(expected_colours))
+
+
 def chosen_colours(logits: Tensor, palettes: Palettes) -> Tensor:
     """The likeliest entry of each pixel's palette, as an image [B, 3, H, W]."""
     choice = logits.argmax(1)
@@ -76,7 +128,6 @@ def chosen_colours(logits: Tensor, palettes: Palettes) -> Tensor:
 
 
 def expected_colours(logits: Tensor, palettes: Palettes) -> Tensor:
-    """The softmax-weighted mean colour of each pixel [B, 3, H, W]: a differentiable stand-in for
-    the chosen colour, for terms such as SSIM that need an image."""
+    """The softmax-weighted mean colour of each pixel [B, 3, H, W]."""
     colours = palettes.colours.expand(len(logits), -1, -1).float()
     return torch.einsum("bkhw,bkc->bchw", F.softmax(logits, 1), colours)

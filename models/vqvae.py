@@ -5,7 +5,7 @@ from torch import Tensor, nn
 
 from .decoder import Decoder
 from .encoder import Encoder
-from .palette import PaletteHead, Palettes, chosen_colours, sprite_palettes
+from .palette import PaletteChoice, PaletteHead, Palettes, sprite_palettes
 from .quantizer import QuantizerOutput, VectorQuantizerEMA
 
 
@@ -13,8 +13,7 @@ class VQVAEOutput(NamedTuple):
     reconstruction: Tensor  # [B, C, H, W] in [0, 1]
     vq_loss: Tensor  # weighted commitment loss, to add to the reconstruction loss
     indices: Tensor  # [B, h, w] codes
-    palette_logits: Tensor | None = None  # [B, K, H, W], with palette_output
-    palettes: Palettes | None = None  # the input's own palettes, with palette_output
+    palette: PaletteChoice | None = None  # with palette_output: the choice among the input's own colours
 
 
 class VQVAE(nn.Module):
@@ -69,7 +68,7 @@ class VQVAE(nn.Module):
         if palettes is None:
             raise ValueError("a palette_output model decodes with a palette: pass palettes, e.g. "
                              "models.palette.sprite_palettes(images) of the sprites to draw with")
-        return chosen_colours(self.palette_head(self.decoder(z_q), palettes), palettes)
+        return PaletteChoice(self.palette_head, self.decoder(z_q), palettes).chosen_colours()
 
     def decode_indices(self, indices: Tensor, palettes: Palettes | None = None) -> Tensor:
         """Code indices [B, h, w] -> image [B, C, H, W]."""
@@ -79,6 +78,5 @@ class VQVAE(nn.Module):
         quantized = self.quantize(self.encode_latents(x))
         if self.palette_head is None:
             return VQVAEOutput(self.decode(quantized.quantized), quantized.loss, quantized.indices)
-        palettes = sprite_palettes(x)
-        logits = self.palette_head(self.decoder(quantized.quantized), palettes)
-        return VQVAEOutput(chosen_colours(logits, palettes), quantized.loss, quantized.indices, logits, palettes)
+        choice = PaletteChoice(self.palette_head, self.decoder(quantized.quantized), sprite_palettes(x))
+        return VQVAEOutput(choice.chosen_colours(), quantized.loss, quantized.indices, choice)

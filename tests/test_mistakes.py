@@ -38,6 +38,7 @@ BAD_VALUES = [
     ("ssim_weight", "-1", "at least 0"),
     ("ssim_weight", "inf", "a finite number"),
     ("palette_features", "0", "at least 1"),
+    ("palette_max_colours", "1", "at least 2"),
     ("max_filters", "0", "at least 1"),
     ("latent_dim", "0", "at least 1"),
     ("kl_weight", "-1", "at least 0"),

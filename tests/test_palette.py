@@ -8,11 +8,15 @@ import torch
 
 from models import VQVAE
 from models.fast import FastPathUnavailable, accelerate
+from models import palette
 from models.palette import palette_union, sprite_palettes
 from tests.helpers import palette_batch, train
+from utils.data import SpriteSet
+from utils.errors import UserError
 from utils.losses import loss_terms
 from utils.metrics import BITS_PER_COLOUR, bits_per_sprite, colours_per_image
 from utils.prior import decode_grids, nearest_grids
+from utils.train import palette_training_set
 
 TINY_PALETTE = dict(num_layers=1, num_embeddings=16, embedding_dim=8, palette_output=True, palette_features=8)
 
@@ -87,6 +91,35 @@ def test_ssim_term_trains_through_the_expected_colours():
     assert model.palette_head.embed[0].weight.grad.abs().sum() > 0
 
 
+def test_a_few_images_at_a_time_gives_the_whole_batchs_loss_gradients_and_colours(monkeypatch):
+    torch.manual_seed(0)
+    # In eval mode two passes see the same codebook and BatchNorm statistics; gradients still flow.
+    model = VQVAE(**TINY_PALETTE).eval()
+    x = palette_batch(n=6, colours=10)
+    config = {"use_ssim_loss": True, "ssim_weight": 1.0}
+
+    def run():
+        model.zero_grad()
+        output = model(x)
+        terms = loss_terms("vqvae", output, x, config)
+        terms["loss"].backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return output, terms, grads
+
+    whole, whole_terms, whole_grads = run()
+    assert len(whole.palette.chunks) == 1
+    # Room for the logits of one image at a time: six chunks, each recomputed in the backward pass.
+    monkeypatch.setattr(palette, "LOGIT_BUDGET", whole.palette.palettes.colours.shape[1] * 16 * 16)
+    chunked, chunked_terms, chunked_grads = run()
+    assert len(chunked.palette.chunks) == 6
+    assert torch.equal(chunked.reconstruction, whole.reconstruction)
+    for key in ("palette", "ssim", "loss"):
+        assert torch.allclose(chunked_terms[key], whole_terms[key], rtol=1e-5, atol=1e-7), key
+    assert len(chunked_grads) == len(whole_grads)
+    for a, b in zip(chunked_grads, whole_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_decoding_codes_needs_a_palette_and_matches_the_forward_pass_with_the_inputs_own():
     torch.manual_seed(0)
     model = VQVAE(**TINY_PALETTE).eval()
@@ -131,6 +164,22 @@ def test_prior_samples_take_the_palette_of_the_training_grid_sharing_most_codes(
     for image, owner in zip(drawn, owners):
         colour = lambda a: a[..., 0].astype(np.int64) << 16 | a[..., 1].astype(np.int64) << 8 | a[..., 2]
         assert np.isin(colour(image), colour(owner)).all()
+
+
+def test_a_palette_model_leaves_out_training_images_with_more_colours_than_its_limit(capsys):
+    plain = (palette_batch(n=3, colours=6) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    noisy = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    images = np.concatenate([plain[:1], noisy[:1], plain[1:], noisy[1:]])
+    names = ["a__white", "a__noise0", "b__white", "c__black", "c__noise1"]
+    train_set = SpriteSet(images, np.ones(images.shape[:3], bool), names)
+    config = {"palette_output": True, "palette_max_colours": 64}
+    kept = palette_training_set(train_set, config)
+    assert kept.names == ["a__white", "b__white", "c__black"]
+    assert np.array_equal(kept.images, plain)
+    assert "2 of 5 training images have more than 64 colours" in capsys.readouterr().out
+    assert palette_training_set(train_set, {**config, "palette_output": False}) is train_set
+    with pytest.raises(UserError, match="every training image has more than palette_max_colours = 2"):
+        palette_training_set(train_set, {**config, "palette_max_colours": 2})
 
 
 def test_palette_model_trains_end_to_end_with_fusions_and_honest_bits(tmp_path, tiny_data):

@@ -83,6 +83,7 @@ RULES = {
     "dead_code_threshold": _at_least(0),
     "ssim_weight": _at_least(0),
     "palette_features": _at_least(1),
+    "palette_max_colours": _at_least(2),
     "max_filters": _at_least(1),
     "latent_dim": _at_least(1),
     "kl_weight": _at_least(0),

@@ -4,7 +4,6 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from models.palette import expected_colours
 
 # tf.image.ssim's defaults, which the paper used: an 11x11 Gaussian window of sigma 1.5.
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
@@ -50,16 +49,16 @@ def loss_terms(model_type, output, x, config):
         return terms
     terms["vq"] = output.vq_loss
     image = output.reconstruction
-    if output.palette_logits is None:
+    if output.palette is None:
         loss = recon + output.vq_loss
     else:
         # The chosen colours carry no gradient: the choice is trained by its cross-entropy, and
         # "recon" stays the MSE of what the model outputs, comparable with the other models'.
-        terms["palette"] = F.cross_entropy(output.palette_logits, output.palettes.index)
+        terms["palette"] = output.palette.cross_entropy()
         loss = terms["palette"] + output.vq_loss
     if config.get("use_ssim_loss"):
-        if output.palette_logits is not None:
-            image = expected_colours(output.palette_logits, output.palettes)
+        if output.palette is not None:
+            image = output.palette.expected_colours()
         terms["ssim"] = 1 - ssim(image, x)
         loss = loss + config["ssim_weight"] * terms["ssim"]
     terms["loss"] = loss

@@ -101,10 +101,15 @@ def sprite_exact_pixel_rate(ref, out, masks):
     return float(_exact_pixels(ref, out)[masks].mean())
 
 
+def colour_counts(images):
+    """The number of distinct RGB colours of each image [N]."""
+    keys = np.sort(_colour_keys_per_image(images), axis=1)
+    return 1 + (np.diff(keys, axis=1) != 0).sum(axis=1)
+
+
 def colours_per_image(images):
     """Mean number of distinct RGB colours in an image."""
-    keys = np.sort(_colour_keys_per_image(images), axis=1)
-    return float((1 + (np.diff(keys, axis=1) != 0).sum(axis=1)).mean())
+    return float(colour_counts(images).mean())
 
 
 def foreign_colour_rate(ref, out):

@@ -29,7 +29,7 @@ from utils.fusions import write_fusions
 from utils.io import TEMP_SUFFIX, atomic_path, exclusive_lock, remove_temp_files, write_json
 from utils.losses import loss_terms
 from utils.images import from_batch, to_batch
-from utils.metrics import bits_per_sprite, codebook_stats, image_metrics
+from utils.metrics import bits_per_sprite, codebook_stats, colour_counts, image_metrics
 from utils.plots import image_grid, plot_codebook_usage, plot_losses, save_gif, save_png, upscale_nearest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,6 +37,7 @@ SAMPLE_COUNT = 8  # validation sprites shown in samples.gif
 LOG_EVERY = 10  # steps between progress-bar updates; each one reads the loss back from the device
 # Left in a folder by start_output_dir: only a folder holding it is an experiment to resume or replace.
 EXPERIMENT_MARK = ".experiment"
+COUNT_CHUNK = 4096  # images whose colours are counted at once: a sort of all 48,000 takes GBs
 RESUME_KEYS = ("dataset", "seed")  # besides the architecture, what a resumed run must share
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "config", "model_type", "rng")
 
@@ -415,6 +416,25 @@ def training_subset(train_set, max_images, seed):
     return data.SpriteSet(train_set.images[keep], train_set.masks[keep], [train_set.names[i] for i in keep])
 
 
+def palette_training_set(train_set, config):
+    """The training images a palette-output model learns from: those with at most
+    `palette_max_colours` colours. On a noise background an image has thousands, one per pixel,
+    and choosing among them costs a hundred times the rest of a step while teaching nothing the
+    test split asks (it is on plain backgrounds)."""
+    if not config.get("palette_output"):
+        return train_set
+    counts = np.concatenate([colour_counts(train_set.images[i:i + COUNT_CHUNK])
+                             for i in range(0, len(train_set), COUNT_CHUNK)])
+    keep = np.flatnonzero(counts <= config["palette_max_colours"])
+    if len(keep) == 0:
+        raise UserError(f"every training image has more than palette_max_colours = {config['palette_max_colours']} "
+                        "colours; raise it, or prepare the data without noise backgrounds")
+    if len(keep) < len(train_set) and is_first_rank():
+        print(f"palette_output: {len(train_set) - len(keep)} of {len(train_set)} training images have more than "
+              f"{config['palette_max_colours']} colours (noise backgrounds) and are left out")
+    return data.SpriteSet(train_set.images[keep], train_set.masks[keep], [train_set.names[i] for i in keep])
+
+
 def train(model_type, config, device):
     """Train, evaluate and write every output of one experiment; returns its metrics on rank 0,
     None on the other ranks (see utils/data_parallel.py)."""
@@ -438,7 +458,7 @@ def train_unlocked(model_type, config, device):
         config["dataset"], config["image_size"])), first_rank_only=True)
     seed_everything(config["seed"])
     train_set, val_set, test_set = agreed(lambda: read_splits(data_dir, config["image_size"]))
-    train_set = training_subset(train_set, config["max_train_images"], config["seed"])
+    train_set = training_subset(palette_training_set(train_set, config), config["max_train_images"], config["seed"])
 
     try:
         model = build_model(model_type, config).to(device, memory_format=torch.channels_last)
