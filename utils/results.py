@@ -173,7 +173,7 @@ def caption(results):
     return (text + f". Mean ± sample sd over seeds where there are several. FID of the test "
             f"reconstructions (of a prior's samples) against the test split, pytorch-fid's bilinear resize, "
             f"{'/'.join(map(str, dims))}-d features. Bits per sprite: code grid cells x log2(codebook size), "
-            "none for the VAE. Palette-exact: sprite pixels exact once each output pixel is snapped to the "
+            "none for the VAE; a palette-output model's also count its palette, 24 bits a colour. Palette-exact: sprite pixels exact once each output pixel is snapped to the "
             "nearest colour of the input sprite's own palette, which costs 24 bits a colour beside the codes.")
 
 
@@ -184,7 +184,7 @@ def write_results(results_dir):
     if not results:
         raise UserError(f"{results_dir} holds no published experiment (no */{RUN_FILE}); run python -m utils.reproduce")
     paper, ablation = by_config(results, "paper"), by_config(results, "ablation")
-    priors = by_config(results, "downstream")
+    priors, exact = by_config(results, "downstream"), by_config(results, "exact")
     parts = ["# Results of `python -m utils.reproduce`", caption(results)]
     if paper:
         parts += ["## The paper's configurations", _markdown(AUTOENCODER_HEADER, autoencoder_rows(paper))]
@@ -194,6 +194,9 @@ def write_results(results_dir):
         parts += [f"## Equal capacity: a {side}x{side} grid of {c['num_embeddings']} codes of dimension "
                   f"{c['embedding_dim']}, stage by stage",
                   _markdown(AUTOENCODER_HEADER, autoencoder_rows(ablation))]
+    if exact:
+        parts += ["## Beyond the paper: codes that keep pixel art exact (bits per sprite count the palette)",
+                  _markdown(AUTOENCODER_HEADER, autoencoder_rows(exact))]
     if priors:
         parts += ["## Downstream: the same PixelCNN prior over each model's codes",
                   _markdown(PRIOR_HEADER, prior_rows(priors))]
@@ -206,7 +209,7 @@ def write_results(results_dir):
                         "reconstructions.png"))
     points = [(f"{runs[0]['group']}: {runs[0]['label']}", runs[0]["metrics"]["bits_per_sprite"],
                spread([r["metrics"]["sprite_exact_pixel_rate"] for r in runs]),
-               spread([r["metrics"]["ssim"] for r in runs])) for runs in {**paper, **ablation}.values()]
+               spread([r["metrics"]["ssim"] for r in runs])) for runs in [*paper.values(), *ablation.values(), *exact.values()]]
     if rate_figure(points, results_dir / "rate_exactness.png"):
         figures.append(("sprite-pixel exactness and SSIM against bits per sprite (mean and sd over seeds; "
                         "the VAE has no bit count and is left out)", "rate_exactness.png"))
