@@ -70,7 +70,7 @@ def test_cpu_and_paper_budgets_keep_one_budget_per_group_and_draw_1000_samples()
     # The paper's length is the scripts' own: no epochs overridden, so 25 for every autoencoder.
     assert all("epochs" not in e["overrides"] for e in paper)
     cpu = planned.plan("cpu", list(planned.SEEDS), script_defaults)
-    # The paper's comparison fits about five hours; the exact codes of issue 20 add about four.
+    # The paper's comparison fits about five hours; the exact codes of issue 20 add about five.
     assert sum(e["estimate_minutes"] for e in cpu if e["group"] != "exact") <= 5.5 * 60
     assert sum(e["estimate_minutes"] for e in cpu) <= 10 * 60
     exact = {e["config"]: {**script_defaults(e["script"]), **e["overrides"]} for e in cpu if e["group"] == "exact"}
