@@ -104,6 +104,7 @@ def test_smoke_runs_every_experiment_and_writes_results_md_with_each(smoke):
         else:
             assert metrics["bits_per_sprite"] == codes
         fid = json.loads((results / name / "fid.json").read_text())[f"bilinear-{FID_DIMS}"]["fid"]
+        assert json.loads((results / name / "reproduce.json").read_text())["fid_seconds"] > 0
         assert f"{fid:.2f}" in table
         shown = sorted(p.name for p in (results / name / SHOWN_DIR).iterdir())
         assert len(shown) == 8 and all((results / TEST_SPRITES / n).is_file() for n in shown)

@@ -162,12 +162,19 @@ def run_one(entry, status, args):
 
 def finish(entry, args):
     """FID of an autoencoder's reconstructions (cached), then its small files into the results."""
-    if entry["group"] != "downstream" and not args.no_fid:
-        experiments = [e for e in load_experiments(args.outputs) if e.name == entry["name"]]
-        update_fids(experiments, args.outputs, args.fid_weights, DEFAULT_FID[0], args.fid_dims)
     timing_path = args.outputs / LOG_DIR / f"{entry['name']}.json"
     # An experiment trained outside this command has no wall time of ours.
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {"wall_seconds": None, "attempts": 0}
+    if entry["group"] != "downstream" and not args.no_fid:
+        cached = (args.outputs / entry["name"] / "fid.json").exists()
+        started = time.perf_counter()
+        experiments = [e for e in load_experiments(args.outputs) if e.name == entry["name"]]
+        update_fids(experiments, args.outputs, args.fid_weights, DEFAULT_FID[0], args.fid_dims)
+        if not cached:
+            # Inception on 3,816 images costs the CPU as much as a short training run.
+            timing["fid_seconds"] = time.perf_counter() - started
+            if timing_path.exists():
+                write_json(timing_path, timing)
     publish(args.outputs / entry["name"], args.results / entry["name"],
             {**entry, "budget": args.budget, "fid_dims": args.fid_dims, **timing})
 

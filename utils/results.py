@@ -146,7 +146,7 @@ def prior_rows(configs):
 
 
 TIME_HEADER = ("experiment", "group", "seed", "epochs", "train seconds", "wall seconds (attempts)",
-               "estimated minutes")
+               "FID seconds", "estimated minutes")
 
 
 def time_rows(results):
@@ -156,6 +156,7 @@ def time_rows(results):
         wall = "-" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f} ({r['attempts']})"
         rows.append([r["name"], r["group"], str(r["seed"]), str(m.get("epochs", "unfinished")),
                      f"{m['train_seconds']:.0f}" if "train_seconds" in m else "-", wall,
+                     f"{r['fid_seconds']:.0f}" if r.get("fid_seconds") is not None else "-",
                      "-" if r["estimate_minutes"] is None else str(r["estimate_minutes"])])
     return rows
 
@@ -163,10 +164,10 @@ def time_rows(results):
 def caption(results):
     budgets = sorted({r["budget"] for r in results})
     seeds = list(dict.fromkeys(r["seed"] for r in results))
-    walls = [r["wall_seconds"] for r in results if r["wall_seconds"] is not None]
+    walls = [r["wall_seconds"] + (r.get("fid_seconds") or 0) for r in results if r["wall_seconds"] is not None]
     estimates = [r["estimate_minutes"] for r in results if r["estimate_minutes"] is not None]
     text = (f"Budget: **{', '.join(budgets)}** (`python -m utils.reproduce --budget={budgets[0]}`); seeds "
-            f"{', '.join(map(str, seeds))}; {len(results)} experiments, {sum(walls) / 3600:.2f} h of wall time in all")
+            f"{', '.join(map(str, seeds))}; {len(results)} experiments, {sum(walls) / 3600:.2f} h of wall time in all, training and FID")
     if estimates:
         text += f" (estimated beforehand: {sum(estimates) / 60:.1f} h on an idle 2-core CPU)"
     dims = sorted({r["fid_dims"] for r in results})
