@@ -1,5 +1,6 @@
 import io
 import json
+import shutil
 import tarfile
 import zipfile
 from pathlib import Path
@@ -286,11 +287,15 @@ def test_a_failed_download_leaves_no_data(tmp_path, fetcher):
 def test_a_verified_download_unpacks_only_what_is_used_and_is_not_fetched_twice(tmp_path, monkeypatch):
     calls = []
 
+    # One tarball, copied for each fetch: gzip stamps the time into its header, so two built a
+    # second apart differ.
+    built = fake_package(tmp_path)
+
     def pack(folder):
         calls.append(folder)
-        return fake_package(folder)
+        return Path(shutil.copy(built, folder))
 
-    expected = data._integrity(fake_package(tmp_path))
+    expected = data._integrity(built)
     monkeypatch.setattr(data, "POKESPRITE_INTEGRITY", expected)
     root = data.fetch_pokemon(tmp_path / "pokemon", pack=pack)
     kept = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
