@@ -25,6 +25,11 @@ config = dict(
     # reference does); --kmeans_init=False --dead_code_threshold=0 gives the paper's quantiser.
     kmeans_init=True,  # place the codebook by k-means++ on the first batch
     dead_code_threshold=0.5,  # restart codes whose EMA use falls below this; 0 = off
+    # Not in the paper: 'ema' is its quantiser; 'residual' codes each latent as the sum of
+    # residual_depth codes, one per EMA codebook; 'fsq' rounds len(fsq_levels) channels to a grid.
+    quantizer="ema",
+    residual_depth=4,  # 'residual': quantisers in turn, each coding what the ones before it left
+    fsq_levels="8,8,4",  # 'fsq': levels of each channel; their product must be num_embeddings
     use_ssim_loss=False,  # the paper's optional SSIM term
     ssim_weight=1.0,
     # Not in the paper: each pixel's colour chosen from the sprite's own palette, which is carried

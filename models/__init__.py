@@ -7,15 +7,17 @@ from torch import nn
 
 from .decoder import Decoder
 from .encoder import Encoder
+from .fsq import FiniteScalarQuantizer
 from .pixelcnn import GatedPixelCNN, bits_per_code, negative_log_likelihood, sample_codes
 from .quantizer import QuantizerOutput, VectorQuantizerEMA
+from .residual import ResidualVectorQuantizer
 from .vae import VAE, VAEOutput
 from .vqvae import VQVAE, VQVAEOutput
 
 MODELS = {"vae": VAE, "vqvae": VQVAE, "pixelcnn": GatedPixelCNN}
 
-__all__ = ["Decoder", "Encoder", "GatedPixelCNN", "MODELS", "QuantizerOutput", "VAE", "VAEOutput",
-           "VQVAE", "VQVAEOutput", "VectorQuantizerEMA", "bits_per_code", "build_model", "model_defaults", "model_keys",
+__all__ = ["Decoder", "Encoder", "FiniteScalarQuantizer", "GatedPixelCNN", "MODELS", "QuantizerOutput",
+           "ResidualVectorQuantizer", "VAE", "VAEOutput", "VQVAE", "VQVAEOutput", "VectorQuantizerEMA", "bits_per_code", "build_model", "model_defaults", "model_keys",
            "negative_log_likelihood", "sample_codes"]
 
 

@@ -68,27 +68,33 @@ class VectorQuantizerEMA(nn.Module):
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
 
     def forward(self, z_e: Tensor) -> QuantizerOutput:
-        b, d, h, w = z_e.shape
         # Distances and EMA sums lose whole codes to rounding in half precision.
         with torch.autocast(z_e.device.type, enabled=False):
             z = z_e.float()
-            flat = z.permute(0, 2, 3, 1).reshape(-1, d).detach()
-            if self.training and self.kmeans_init and not self.initialized:
-                self.place_codes_by_kmeans(flat)
-            indices = nearest_code(flat, self.embedding.float())
-            # Looked up before this step's update of the codebook, as they were compared.
-            codes = self.embed_indices(indices.reshape(b, h, w))
-            if self.training:
-                code_counts = torch.bincount(indices, minlength=self.num_embeddings).float()
-                sums = flat.new_zeros(self.num_embeddings, d).index_add_(0, indices, flat)
-                self.update_codebook(code_counts, sums)
-                if self.dead_code_threshold > 0:
-                    rows = torch.randint(len(flat), (self.num_embeddings,), device=flat.device)
-                    self.restart_dead_codes(flat[rows])
+            codes, indices = self.nearest_codes(z)
             # The codes are buffers: the loss pulls only z towards them.
             loss = self.commitment_cost * F.mse_loss(z, codes)
             quantized = z + (codes - z).detach()
-        return QuantizerOutput(quantized.to(z_e.dtype), loss, indices.reshape(b, h, w))
+        return QuantizerOutput(quantized.to(z_e.dtype), loss, indices)
+
+    def nearest_codes(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Float32 latents [B, D, H, W] -> (their nearest codes [B, D, H, W], indices [B, H, W]),
+        without gradients; in training, one EMA step of the codebook (k-means and restarts too)."""
+        b, d, h, w = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d).detach()
+        if self.training and self.kmeans_init and not self.initialized:
+            self.place_codes_by_kmeans(flat)
+        indices = nearest_code(flat, self.embedding.float())
+        # Looked up before this step's update of the codebook, as they were compared.
+        codes = self.embed_indices(indices.reshape(b, h, w))
+        if self.training:
+            code_counts = torch.bincount(indices, minlength=self.num_embeddings).float()
+            sums = flat.new_zeros(self.num_embeddings, d).index_add_(0, indices, flat)
+            self.update_codebook(code_counts, sums)
+            if self.dead_code_threshold > 0:
+                rows = torch.randint(len(flat), (self.num_embeddings,), device=flat.device)
+                self.restart_dead_codes(flat[rows])
+        return codes, indices.reshape(b, h, w)
 
     def embed_indices(self, indices: Tensor) -> Tensor:
         """Code indices [B, H, W] -> code vectors [B, D, H, W]."""

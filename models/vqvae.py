@@ -1,4 +1,4 @@
-"""VQ-VAE and Pixel VQ-VAE: encoder, EMA vector quantiser, decoder."""
+"""VQ-VAE and Pixel VQ-VAE: encoder, vector quantiser (EMA, residual or finite scalar), decoder."""
 from typing import NamedTuple
 
 from torch import Tensor, nn
@@ -6,13 +6,17 @@ from torch import Tensor, nn
 from .decoder import Decoder
 from .encoder import Encoder
 from .palette import PaletteChoice, PaletteHead, Palettes, sprite_palettes
+from .fsq import FiniteScalarQuantizer, parse_levels
 from .quantizer import QuantizerOutput, VectorQuantizerEMA
+from .residual import ResidualVectorQuantizer
+
+QUANTIZERS = ("ema", "residual", "fsq")
 
 
 class VQVAEOutput(NamedTuple):
     reconstruction: Tensor  # [B, C, H, W] in [0, 1]
     vq_loss: Tensor  # weighted commitment loss, to add to the reconstruction loss
-    indices: Tensor  # [B, h, w] codes
+    indices: Tensor  # [B, h, w] codes; [B, residual_depth, h, w] for the residual quantiser
     palette: PaletteChoice | None = None  # with palette_output: the choice among the input's own colours
 
 
@@ -22,6 +26,8 @@ class VQVAE(nn.Module):
     The plain VQ-VAE has neither `adapter_layer` nor `pixelsight_filters`; Pixel VQ-VAE has both.
     With `palette_output` the decoder ends in `palette_features` features per pixel, from which
     models/palette.py chooses one colour of the input's own palette; decoding then needs a palette.
+    `quantizer` is 'ema' (the paper's), 'residual' (`residual_depth` EMA quantisers in turn) or 'fsq'
+    (`fsq_levels` per channel, whose product is `num_embeddings`).
     Keyword names are the config keys, so `VQVAE(**model_config)` builds either.
     """
 
@@ -29,14 +35,27 @@ class VQVAE(nn.Module):
                  commitment_cost: float = 0.25, ema_decay: float = 0.99,
                  adapter_layer: bool = False, pixelsight_filters: int = 0, in_channels: int = 3,
                  kmeans_init: bool = False, dead_code_threshold: float = 0.0,
-                 palette_output: bool = False, palette_features: int = 16):
+                 palette_output: bool = False, palette_features: int = 16, quantizer: str = "ema",
+                 residual_depth: int = 4, fsq_levels: str = "8,8,4"):
         super().__init__()
         self.num_layers, self.pixelsight_filters = num_layers, pixelsight_filters
         self.encoder = Encoder(num_layers, embedding_dim, adapter_layer, pixelsight_filters,
                                in_channels)
-        self.quantizer = VectorQuantizerEMA(num_embeddings, embedding_dim, commitment_cost,
-                                            ema_decay, kmeans_init=kmeans_init,
-                                            dead_code_threshold=dead_code_threshold)
+        if quantizer == "ema":
+            self.quantizer = VectorQuantizerEMA(num_embeddings, embedding_dim, commitment_cost,
+                                                ema_decay, kmeans_init=kmeans_init,
+                                                dead_code_threshold=dead_code_threshold)
+        elif quantizer == "residual":
+            self.quantizer = ResidualVectorQuantizer(num_embeddings, embedding_dim, residual_depth,
+                                                     commitment_cost, ema_decay, kmeans_init=kmeans_init,
+                                                     dead_code_threshold=dead_code_threshold)
+        elif quantizer == "fsq":
+            self.quantizer = FiniteScalarQuantizer(embedding_dim, parse_levels(fsq_levels))
+            if self.quantizer.num_embeddings != num_embeddings:
+                raise ValueError(f"fsq_levels {fsq_levels!r} make {self.quantizer.num_embeddings} codes, "
+                                 f"not num_embeddings = {num_embeddings}")
+        else:
+            raise ValueError(f"quantizer {quantizer!r} is not one of {', '.join(QUANTIZERS)}")
         out_channels = palette_features if palette_output else in_channels
         self.decoder = Decoder(num_layers, embedding_dim, adapter_layer, pixelsight_filters,
                                out_channels, output_activation=not palette_output)
@@ -57,7 +76,7 @@ class VQVAE(nn.Module):
         return self.quantizer(z_e)
 
     def encode(self, x: Tensor) -> Tensor:
-        """Image [B, C, H, W] -> code indices [B, h, w]."""
+        """Image [B, C, H, W] -> code indices [B, h, w] ([B, residual_depth, h, w] for 'residual')."""
         return self.quantize(self.encode_latents(x)).indices
 
     def decode(self, z_q: Tensor, palettes: Palettes | None = None) -> Tensor:
@@ -71,7 +90,7 @@ class VQVAE(nn.Module):
         return PaletteChoice(self.palette_head, self.decoder(z_q), palettes).chosen_colours()
 
     def decode_indices(self, indices: Tensor, palettes: Palettes | None = None) -> Tensor:
-        """Code indices [B, h, w] -> image [B, C, H, W]."""
+        """Code indices, as `encode` gives them, -> image [B, C, H, W]."""
         return self.decode(self.quantizer.embed_indices(indices), palettes)
 
     def forward(self, x: Tensor) -> VQVAEOutput:

@@ -6,6 +6,7 @@ import torch
 
 from utils.errors import UserError
 import train_vqvae
+from models import build_model
 from utils.train import architecture, load_checkpoint, load_model
 
 
@@ -80,3 +81,14 @@ def test_a_model_key_newer_than_the_checkpoint_counts_as_its_default():
     older = {key: value for key, value in config.items() if key not in ("palette_output", "palette_features")}
     assert architecture(older, "vqvae") == architecture(config, "vqvae")
     assert architecture(older, "vqvae") != architecture({**config, "palette_output": True}, "vqvae")
+
+
+def test_a_checkpoint_from_before_the_quantizer_keys_is_one_of_the_ema_quantiser():
+    config = dict(train_vqvae.config)
+    older = {key: value for key, value in config.items() if key not in ("quantizer", "residual_depth", "fsq_levels")}
+    assert architecture(older, "vqvae") == architecture(config, "vqvae")
+    assert architecture(older, "vqvae")["quantizer"] == "ema"
+    assert architecture(older, "vqvae") != architecture({**config, "quantizer": "residual"}, "vqvae")
+    # Its state dict is the one the model builds today: the EMA quantiser's buffers, named as they were.
+    keys = {key for key in build_model("vqvae", older).state_dict() if key.startswith("quantizer.")}
+    assert keys == {"quantizer.embedding", "quantizer.cluster_size", "quantizer.embed_sum", "quantizer.initialized"}

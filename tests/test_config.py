@@ -124,3 +124,17 @@ def test_defaults_a_command_line_cannot_set_are_a_programming_error():
 def test_print_config_aligns_the_equals_signs(capsys):
     print_config(dict(epochs=3, dataset="pokemon"))
     assert capsys.readouterr().out.splitlines() == ["epochs  = 3", "dataset = 'pokemon'"]
+
+
+def test_fsq_levels_must_multiply_to_the_codebook_size_only_when_fsq_quantises():
+    defaults = {"num_embeddings": 16, "quantizer": "ema", "fsq_levels": "8,8,4"}
+    assert parse_config(defaults, [])["fsq_levels"] == "8,8,4"  # unused by the EMA quantiser
+    assert parse_config(defaults, ["--quantizer=fsq", "--fsq_levels=4,2,2"])["fsq_levels"] == "4,2,2"
+    with pytest.raises(UserError, match=r"product is num_embeddings = 16.*\(8\*8\*4 = 256\)"):
+        parse_config(defaults, ["--quantizer=fsq"])
+
+
+def test_the_quantisers_the_config_accepts_are_the_ones_the_model_builds():
+    from models.vqvae import QUANTIZERS as BUILT
+    from utils.config import QUANTIZERS
+    assert QUANTIZERS == BUILT

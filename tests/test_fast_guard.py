@@ -120,3 +120,19 @@ def test_the_accelerated_model_holds_the_models_own_parameters_and_buffers(name)
     before = [p.clone() for p in model.parameters()]
     seeded_run(runner, palette_batch(), steps=1)
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("quantizer, name", [("residual", "ResidualVectorQuantizer"), ("fsq", "FiniteScalarQuantizer")])
+def test_the_residual_and_finite_scalar_quantisers_train_on_the_reference_path(quantizer, name):
+    cls, keys = CONFIGURATIONS["pixel_vqvae_16x16"]
+    torch.manual_seed(0)
+    model = cls(**keys, quantizer=quantizer, residual_depth=2, fsq_levels="4,4").to(memory_format=torch.channels_last)
+    reference = copy.deepcopy(model)
+    # The fast path's decoder runs once per code of a codebook and its quantiser is the EMA one.
+    runner = accelerated_with_one_warning(model, f"quantizer is a {name}, not the VectorQuantizerEMA")
+    assert runner is model
+    x = palette_batch()
+    losses, state = seeded_run(runner, x)
+    expected_losses, expected_state = seeded_run(reference, x)
+    assert losses == expected_losses
+    assert all(torch.equal(tensor, expected_state[key]) for key, tensor in state.items())

@@ -35,6 +35,10 @@ BAD_VALUES = [
     ("ema_decay", "1.0", "at least 0 and below 1"),
     ("ema_decay", "-0.1", "at least 0 and below 1"),
     ("dead_code_threshold", "-1", "at least 0"),
+    ("quantizer", "gumbel", "one of ema, residual, fsq"),
+    ("residual_depth", "0", "at least 1"),
+    ("fsq_levels", "8,x,4", "integers separated by commas"),
+    ("fsq_levels", "8,1", "levels of at least 2 each"),
     ("ssim_weight", "-1", "at least 0"),
     ("ssim_weight", "inf", "a finite number"),
     ("palette_features", "0", "at least 1"),
@@ -115,6 +119,14 @@ def test_every_key_of_every_script_has_a_bad_value_in_the_table():
 def test_an_image_size_that_is_not_a_multiple_of_two_to_the_num_layers_is_refused(script, tmp_path, capsys, tiny_data):
     line = assert_refused(script, [f"--dataset={tiny_data}", "--image_size=17", "--num_layers=2"], tmp_path, capsys)
     assert line == "error: --image_size must be a multiple of 2^num_layers = 4, got 17"
+
+
+@pytest.mark.parametrize("script", ["train_vqvae.py", "train_pixel_vqvae.py"])
+def test_fsq_levels_whose_product_is_not_the_codebook_size_are_refused(script, tmp_path, capsys, tiny_data):
+    argv = [f"--dataset={tiny_data}", "--image_size=16", *TINY[script], "--quantizer=fsq", "--fsq_levels=8,8,4"]
+    assert assert_refused(script, argv, tmp_path, capsys) == (
+        "error: --fsq_levels must be levels whose product is num_embeddings = 16, for every combination of "
+        "levels is a code (8*8*4 = 256), got '8,8,4'")
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))

@@ -22,6 +22,7 @@ _NONE_WORDS = {"none", "null"}
 
 
 PRECISIONS = ("fp32", "bf16")
+QUANTIZERS = ("ema", "residual", "fsq")  # models/vqvae.py builds each
 FID_DIMS = (64, 192, 768, 2048)
 
 
@@ -66,6 +67,20 @@ def _ema_decay(value, config):
     return None if 0 <= value < 1 else "at least 0 and below 1"
 
 
+def _fsq_levels(value, config):
+    """Integers of at least 2; under quantizer 'fsq', their product is the codebook size."""
+    from models.fsq import parse_levels  # the one parser, so that config and model agree on the format
+    try:
+        levels = parse_levels(value)
+    except ValueError as error:
+        return str(error).removeprefix("fsq_levels must be ").split(", got")[0]
+    codes = math.prod(levels)
+    if config.get("quantizer") == "fsq" and codes != config.get("num_embeddings"):
+        return (f"levels whose product is num_embeddings = {config.get('num_embeddings')}, for every "
+                f"combination of levels is a code ({'*'.join(map(str, levels))} = {codes})")
+    return None
+
+
 # What each key must be, by name, for every script (a script checks only the keys it has).
 # num_layers precedes image_size, which depends on it.
 RULES = {
@@ -81,6 +96,9 @@ RULES = {
     "commitment_cost": _at_least(0),
     "ema_decay": _ema_decay,
     "dead_code_threshold": _at_least(0),
+    "quantizer": _one_of(QUANTIZERS),
+    "residual_depth": _at_least(1),
+    "fsq_levels": _fsq_levels,
     "ssim_weight": _at_least(0),
     "palette_features": _at_least(1),
     "palette_max_colours": _at_least(2),

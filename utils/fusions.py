@@ -52,15 +52,18 @@ def fuse_latents(model, model_type, xa, xb, weights):
 
 
 def swap(model, model_type, xa, xb):
-    """VQ models: the top half of a's code grid over the bottom half of b's.
+    """VQ models: the top half of a's code grid over the bottom half of b's (each of a residual
+    quantiser's levels alike).
     VAE: the first half of a's latent dimensions with the second half of b's."""
     if model_type == "vae":
         za, zb = model.encode(xa)[0], model.encode(xb)[0]
         half = za.shape[1] // 2
         return model.decode(torch.cat([za[:, :half], zb[:, half:]], 1))
+    # Rows are the second-last axis of [B, h, w] and of a residual quantiser's [B, depth, h, w]:
+    # a cell keeps all its levels' codes from one parent.
     ia, ib = model.encode(xa), model.encode(xb)
-    half = ia.shape[1] // 2
-    return model.decode_indices(torch.cat([ia[:, :half], ib[:, half:]], 1), parents_palette(model, xa, xb))
+    half = ia.shape[-2] // 2
+    return model.decode_indices(torch.cat([ia[..., :half, :], ib[..., half:, :]], -2), parents_palette(model, xa, xb))
 
 
 def write_pair(model, model_type, images, folder, steps, device):

@@ -151,16 +151,28 @@ def palette_metrics(ref, out, masks):
             "palette_bits": BITS_PER_COLOUR * float(np.mean(sizes)) if sizes else float("nan")}
 
 
+def codes_per_cell(config):
+    """Codes that name one cell of a VQ model's grid: residual_depth for the residual quantiser
+    (one from each of its codebooks), else one."""
+    return config.get("residual_depth", 1) if config.get("quantizer", "ema") == "residual" else 1
+
+
+def code_histogram_size(config):
+    """Bins of a VQ model's code histogram: num_embeddings codes of each of its codes_per_cell codebooks."""
+    return codes_per_cell(config) * config["num_embeddings"]
+
+
 def bits_per_sprite(config, images=None):
-    """Bits that rebuild one image: grid cells x log2(codebook size) for the codes, plus, for a
-    palette-output model, the mean over uint8 `images` of its palette (every distinct colour,
-    BITS_PER_COLOUR each), the side information its decoder draws with.
+    """Bits that rebuild one image: grid cells x codes per cell x log2(codebook size) for the codes,
+    plus, for a palette-output model, the mean over uint8 `images` of its palette (every distinct
+    colour, BITS_PER_COLOUR each), the side information its decoder draws with. FSQ's levels
+    multiply to num_embeddings, so its sum of log2(level) per cell is log2(num_embeddings) too.
 
     None for the VAE, whose latent is a vector of floats with no fixed bit count."""
     if "num_embeddings" not in config:
         return None
     side = config["image_size"] // 2 ** config["num_layers"]
-    bits = side * side * math.log2(config["num_embeddings"])
+    bits = side * side * codes_per_cell(config) * math.log2(config["num_embeddings"])
     if config.get("palette_output"):
         if images is None:
             raise ValueError("a palette-output model's bits per sprite count its palettes: pass the images")
@@ -168,13 +180,16 @@ def bits_per_sprite(config, images=None):
     return bits
 
 
-def codebook_stats(counts):
+def codebook_stats(counts, codebooks=1):
     """Health of a codebook from how often each code was chosen over a whole dataset.
 
     Perplexity is exp(entropy) of the normalised histogram: the number of equally used codes
     that would give the same entropy. Averaging per-batch perplexities instead would understate
-    it, since one batch sees only a few of the codes."""
+    it, since one batch sees only a few of the codes. A residual quantiser's histogram holds its
+    `codebooks` one after another: codes_used counts over all of them, and codes_used_per_level
+    each one's."""
     counts = np.asarray(counts, dtype=np.float64).ravel()
+    per_level = {"codes_used_per_level": [int(n) for n in (counts.reshape(codebooks, -1) > 0).sum(1)]}
     if counts.sum() <= 0:
         raise ValueError("codebook_stats needs a histogram with at least one code chosen")
     p = counts[counts > 0] / counts.sum()
@@ -184,6 +199,7 @@ def codebook_stats(counts):
         "dead_codes": int(counts.size - codes_used),
         "usage": codes_used / counts.size,
         "perplexity": float(np.exp(-(p * np.log(p)).sum())),
+        **(per_level if codebooks > 1 else {}),
     }
 
 

@@ -22,7 +22,7 @@ from utils.fid_weights import resolve_fid_weights, weights_record
 from utils.images import from_batch, to_batch
 from utils.io import atomic_path, write_json
 from utils.plots import image_grid, save_png, upscale_nearest
-from utils.train import (LOG_EVERY, ROOT, TrainingDiverged, batches, experiment_folder, experiment_lock,
+from utils.train import (LOG_EVERY, ROOT, TrainingDiverged, accelerated, batches, experiment_folder, experiment_lock,
                          interrupted_message, load_model, load_splits, make_optimizer, prepare_output_dir, resume_from,
                          save_checkpoint, seed_everything, start_output_dir, training_subset, write_model_and_history)
 
@@ -39,10 +39,16 @@ GRID_COLUMNS = 8
 def load_vq_model(config, device):
     """The frozen VQ model of `vq_experiment`, in eval mode, and its saved config."""
     folder = ROOT / config["output_dir"] / config["vq_experiment"]
-    model, model_type, vq_config = load_model(folder, device, config["fast"])
+    # Accelerated once it is known to be a model the prior can use, so a refusal is its one line alone.
+    model, model_type, vq_config = load_model(folder, device, fast=False)
     if model_type != "vqvae":
         raise UserError(f"vq_experiment {config['vq_experiment']!r} holds a {model_type}, not a VQ model; "
                         "a PixelCNN prior models the code grids of train_vqvae.py or train_pixel_vqvae.py")
+    if vq_config.get("quantizer") == "residual":
+        raise UserError(f"vq_experiment {config['vq_experiment']!r} has a residual quantiser, with "
+                        f"{vq_config['residual_depth']} codes per cell; a PixelCNN prior models one code per cell "
+                        "(train the VQ model with quantizer 'ema' or 'fsq')")
+    model = accelerated(model, config, device)
     model.requires_grad_(False)
     return model, vq_config
 

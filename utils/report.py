@@ -23,6 +23,7 @@ from utils.errors import UserError, exit_on_user_error
 from utils.fid import fid_statistics, frechet_distance, load_fid_inception, load_statistics, save_statistics
 from utils.fid_weights import resolve_fid_weights, sha1_of, weights_record
 from utils.io import atomic_path, write_json
+from utils.metrics import code_histogram_size
 
 # The experiment each training script writes by default, in the paper's order.
 DEFAULT_EXPERIMENTS = {"vae": "train_vae.py", "vqvae": "train_vqvae.py", "pixel_vqvae": "train_pixel_vqvae.py"}
@@ -96,7 +97,9 @@ class Experiment:
             return f"VAE, {c['latent_dim']}-d latent"
         side = c["image_size"] // 2 ** c["num_layers"]
         pixel = c.get("adapter_layer") or c.get("pixelsight_filters", 0) > 0
-        return f"{'Pixel VQ-VAE' if pixel else 'VQ-VAE'}, {side}x{side} codes"
+        quantizer = {"residual": f", residual x{c.get('residual_depth')}",
+                     "fsq": f", FSQ {c.get('fsq_levels')}"}.get(c.get("quantizer", "ema"), "")
+        return f"{'Pixel VQ-VAE' if pixel else 'VQ-VAE'}, {side}x{side} codes{quantizer}"
 
 
 def _load_all(outputs_dir):
@@ -137,7 +140,7 @@ def _row(e):
                                           "train_images_per_second"] + (["codes_used"] if e.is_vq else []))
     for row in e.history:
         _numbers(e.path / "history.json", row, ["train_images"])
-    codes = f"{m['codes_used']}/{e.config['num_embeddings']}" if e.is_vq else "-"
+    codes = f"{m['codes_used']}/{code_histogram_size(e.config)}" if e.is_vq else "-"
     cached = cached_fid(e)
     return [e.name, e.model, str(m["epochs"]), str(sum(row["train_images"] for row in e.history)),
             f"{m['mse']:.5f}", f"{m['ssim']:.4f}", f"{m['psnr']:.2f}", _percent(m["exact_pixel_rate"]),

@@ -29,7 +29,8 @@ from utils.fusions import write_fusions
 from utils.io import TEMP_SUFFIX, atomic_path, exclusive_lock, remove_temp_files, write_json
 from utils.losses import loss_terms
 from utils.images import from_batch, to_batch
-from utils.metrics import bits_per_sprite, codebook_stats, colour_counts, image_metrics
+from utils.metrics import (bits_per_sprite, code_histogram_size, codebook_stats, codes_per_cell, colour_counts,
+                           image_metrics)
 from utils.plots import image_grid, plot_codebook_usage, plot_losses, save_gif, save_png, upscale_nearest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -123,7 +124,7 @@ def run_epoch(model, model_type, sprites, config, device, epoch, optimizer=None,
     count = len(sprites)
     order = np.random.default_rng([config["seed"], epoch]).permutation(count) if training else np.arange(count)
     vq = model_type == "vqvae"
-    codes = torch.zeros(config["num_embeddings"], dtype=torch.long, device=device) if vq else None
+    codes = torch.zeros(code_histogram_size(config), dtype=torch.long, device=device) if vq else None
     sums = collections.defaultdict(lambda: torch.zeros((), device=device))
     shares = list(batch_shares(order, config["batch_size"], training))
     first_bad_step = torch.full((), len(shares), device=device)
@@ -155,7 +156,7 @@ def run_epoch(model, model_type, sprites, config, device, epoch, optimizer=None,
                 bad = ~torch.isfinite(terms["loss"].detach())
                 first_bad_step = torch.where(bad & (first_bad_step == len(shares)), step, first_bad_step)
                 if vq:
-                    codes += torch.bincount(output.indices.flatten(), minlength=len(codes))
+                    codes += torch.bincount(histogram_bins(output.indices, config), minlength=len(codes))
                 if keep_outputs:
                     outputs.append(from_batch(output.reconstruction))
                     kept.append(index)
@@ -182,6 +183,15 @@ def run_epoch(model, model_type, sprites, config, device, epoch, optimizer=None,
         index = np.concatenate(kept) if kept else np.empty(0, np.int64)
         reconstructions = gathered_on_first_rank(count, index, images)
     return means, (codes.cpu().numpy() if vq else None), reconstructions
+
+
+def histogram_bins(indices, config):
+    """The bins of the code histogram that `indices` fill, flat: a residual quantiser's [B, depth,
+    h, w] counts each level in its own num_embeddings bins, one level after another."""
+    if indices.dim() == 3:
+        return indices.flatten()
+    levels = torch.arange(codes_per_cell(config), device=indices.device).reshape(1, -1, 1, 1)
+    return (indices + levels * config["num_embeddings"]).flatten()
 
 
 def vae_noise(size, config, device):
@@ -488,7 +498,7 @@ def train_unlocked(model_type, config, device):
         row.update({f"train_{k}": v for k, v in train_terms.items()})
         row.update({f"val_{k}": v for k, v in val_terms.items()})
         if val_codes is not None:
-            row.update({f"val_{k}": v for k, v in codebook_stats(val_codes).items()})
+            row.update({f"val_{k}": v for k, v in codebook_stats(val_codes, codes_per_cell(config)).items()})
         history.append(row)
         if is_first_rank():
             frames.append(sample_frame(runner, val_set, samples, device))
@@ -510,7 +520,7 @@ def train_unlocked(model_type, config, device):
     metrics = image_metrics(test_set.images, reconstructions, test_set.masks)
     metrics["bits_per_sprite"] = bits_per_sprite(config, test_set.images)
     if test_codes is not None:
-        metrics.update(codebook_stats(test_codes))
+        metrics.update(codebook_stats(test_codes, codes_per_cell(config)))
         plot_codebook_usage(history, test_codes, out / "codebook_usage.png")
     train_seconds = sum(row["train_seconds"] for row in history)
     metrics.update({
