@@ -50,8 +50,13 @@ def palette_union(*images: Tensor) -> Palettes:
     return sprite_palettes(torch.cat(images, dim=-1), with_index=False)
 
 
+# Finite, so that no product meets an infinity, yet exp() of it is 0 in float32 and bfloat16: a
+# padding entry has probability 0 and is never the likeliest.
+PADDING_LOGIT = -1e9
+
+
 class PaletteHead(nn.Module):
-    """Decoder features [B, F, H, W] and palettes -> logits [B, K, H, W] over each image's entries."""
+    """Decoder features [B, F, H, W] and palettes -> logits [B, H*W, K] over each image's entries."""
 
     def __init__(self, features: int, hidden: int = 64):
         super().__init__()
@@ -59,18 +64,25 @@ class PaletteHead(nn.Module):
 
     def forward(self, features: Tensor, palettes: Palettes) -> Tensor:
         embedded = self.embed(palettes.colours.to(features.dtype))
-        if embedded.shape[0] == 1 and features.shape[0] > 1:
-            embedded = embedded.expand(features.shape[0], -1, -1)
-            valid = palettes.valid.expand(features.shape[0], -1)
-        else:
-            valid = palettes.valid
-        logits = torch.einsum("bfhw,bkf->bkhw", features, embedded).float()
-        return logits.masked_fill(~valid[:, :, None, None], float("-inf"))
+        # The padding of smaller palettes is pushed out of reach inside the product, as one more
+        # feature of constant 1 against an entry of 0 or PADDING_LOGIT: a separate pass over the
+        # logits to mask them cost as much as the product itself.
+        padding = torch.zeros(palettes.valid.shape, dtype=embedded.dtype, device=embedded.device)
+        embedded = torch.cat([embedded, padding.masked_fill(~palettes.valid, PADDING_LOGIT)[:, :, None]], -1)
+        features = torch.cat([features.flatten(2), features.new_ones(len(features), 1, features[0, 0].numel())], 1)
+        # Entries last and contiguous: the softmax, cross-entropy and argmax over them then run along
+        # memory, where over dimension 1 of [B, K, H, W] they strode through it (several times slower
+        # on a CPU). matmul broadcasts one borrowed palette over the batch.
+        return torch.matmul(features.transpose(1, 2), embedded.transpose(1, 2)).float()
 
 
-# Logits held at once: a training image on a noise background has a palette of thousands of
-# colours, so a whole batch's [B, K, H, W] logits (and their gradients) would take gigabytes.
+# Logits computed at once: a test image on a noise background has a palette of thousands of
+# colours, so a whole batch's [B, H*W, K] logits (and their gradients) would take gigabytes.
 LOGIT_BUDGET = 1 << 24
+# With gradients, a batch with no more logits than this keeps them all for the backward pass (about
+# 0.8 GB with the softmax and gradient: 64 images of 256 colours at 64x64), where a larger one
+# recomputes each chunk's there; the recomputation cost a fifth of a training step.
+KEPT_LOGITS = 1 << 26
 
 
 def _rows(palettes: Palettes, start: int, stop: int) -> Palettes:
@@ -82,52 +94,71 @@ def _rows(palettes: Palettes, start: int, stop: int) -> Palettes:
 
 class PaletteChoice:
     """The choice of each pixel's colour among its palette's entries, computed a few images at a
-    time (LOGIT_BUDGET); with gradients, each chunk's logits are recomputed in the backward pass
-    instead of kept."""
+    time (LOGIT_BUDGET); with gradients and more than KEPT_LOGITS of them, each chunk's logits are
+    recomputed in the backward pass instead of kept. One pass gives both the chosen colours and, where the palettes index the
+    input, the cross-entropy, so a training step computes the logits twice, not three times."""
 
     def __init__(self, head: PaletteHead, features: Tensor, palettes: Palettes):
         self.head, self.features, self.palettes = head, features, palettes
+        self.size = features.shape[2:]
         per_image = palettes.colours.shape[1] * features.shape[2] * features.shape[3]
         step = max(1, LOGIT_BUDGET // per_image)
         self.chunks = [(i, min(i + step, len(features))) for i in range(0, len(features), step)]
+        self.recompute = per_image * len(features) > KEPT_LOGITS
+        self._choice = None
 
     def _each_chunk(self, term):
         """term(logits, palettes of the chunk) for each chunk of images, checkpointed when it
-        needs gradients."""
+        needs gradients and the batch's logits are too many to keep."""
         def chunk(features, start, stop):
             rows = _rows(self.palettes, start, stop)
             return term(self.head(features, rows), rows)
         grad = torch.is_grad_enabled() and self.features.requires_grad
-        return [checkpoint(chunk, self.features[a:b], a, b, use_reentrant=False) if grad
+        return [checkpoint(chunk, self.features[a:b], a, b, use_reentrant=False) if grad and self.recompute
                 else chunk(self.features[a:b], a, b) for a, b in self.chunks]
+
+    def _choose(self):
+        """(chosen colours [B, 3, H, W], summed cross-entropy or None), computed once."""
+        if self._choice is None:
+            def term(logits, rows):
+                chosen = chosen_colours(logits.detach(), rows, self.size)
+                if rows.index is None:
+                    return chosen, logits.new_zeros(())
+                return chosen, F.cross_entropy(logits.flatten(0, 1), rows.index.flatten(), reduction="sum")
+            parts = self._each_chunk(term)
+            total = sum(ce for _, ce in parts) if self.palettes.index is not None else None
+            self._choice = (torch.cat([chosen for chosen, _ in parts]), total)
+        return self._choice
 
     def chosen_colours(self) -> Tensor:
         """The likeliest entry of each pixel's palette, as an image [B, 3, H, W]; no gradient."""
-        with torch.no_grad():
-            return torch.cat(self._each_chunk(chosen_colours))
+        return self._choose()[0]
 
     def cross_entropy(self) -> Tensor:
         """Mean cross-entropy of each pixel's own entry: the input's palettes must index it."""
         if self.palettes.index is None:
             raise ValueError("the cross-entropy needs the input's own palettes, with their index")
-        total = sum(self._each_chunk(lambda logits, rows: F.cross_entropy(logits, rows.index, reduction="sum")))
-        return total / self.palettes.index.numel()
+        return self._choose()[1] / self.palettes.index.numel()
 
     def expected_colours(self) -> Tensor:
         """The softmax-weighted mean colour of each pixel [B, 3, H, W]: a differentiable stand-in
         for the chosen colour, for terms such as SSIM that need an image."""
-        return torch.cat(self._each_chunk(expected_colours))
+        return torch.cat(self._each_chunk(lambda logits, rows: expected_colours(logits, rows, self.size)))
 
 
-def chosen_colours(logits: Tensor, palettes: Palettes) -> Tensor:
-    """The likeliest entry of each pixel's palette, as an image [B, 3, H, W]."""
-    choice = logits.argmax(1)
+def _as_image(pixels: Tensor, size) -> Tensor:
+    """[B, H*W, 3] -> [B, 3, H, W]."""
+    return pixels.transpose(1, 2).reshape(len(pixels), 3, *size)
+
+
+def chosen_colours(logits: Tensor, palettes: Palettes, size) -> Tensor:
+    """The likeliest entry of each pixel's palette, as an image [B, 3, H, W] of height and width `size`."""
+    choice = logits.argmax(-1)
     colours = palettes.colours.expand(len(choice), -1, -1)
-    return torch.gather(colours, 1, choice.flatten(1)[:, :, None].expand(-1, -1, 3)).view(
-        *choice.shape, 3).permute(0, 3, 1, 2)
+    return _as_image(torch.gather(colours, 1, choice[:, :, None].expand(-1, -1, 3)), size)
 
 
-def expected_colours(logits: Tensor, palettes: Palettes) -> Tensor:
+def expected_colours(logits: Tensor, palettes: Palettes, size) -> Tensor:
     """The softmax-weighted mean colour of each pixel [B, 3, H, W]."""
     colours = palettes.colours.expand(len(logits), -1, -1).float()
-    return torch.einsum("bkhw,bkc->bchw", F.softmax(logits, 1), colours)
+    return _as_image(torch.bmm(F.softmax(logits, -1), colours), size)
