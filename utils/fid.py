@@ -76,7 +76,7 @@ def load_fid_inception(weights=None, dims=2048, device="cpu"):
     except Exception as e:  # a truncated file, another network's weights
         reason = " ".join(str(e).split())[:300]
         raise UserError(f"cannot load {weights.path} as pytorch-fid's FID Inception weights: {reason}") from None
-    return model.to(device).eval()
+    return model.to(device, memory_format=torch.channels_last).eval()
 
 
 def image_paths(folder):
@@ -131,9 +131,10 @@ def activation_statistics(images_or_paths, model, batch_size=50, num_workers=0, 
     features = []
     for batch in tqdm(batches, total=math.ceil(len(images_or_paths) / batch_size), desc="FID features",
                       leave=False, disable=None):
-        # NCHW in memory, as ToTensor makes it: a channels-last batch would run other convolution
-        # kernels and drift from pytorch-fid in the last bits.
-        x = batch.to(device).permute(0, 3, 1, 2).contiguous().float().div(255)
+        # Channels last, as the uint8 batch already is: oneDNN's convolutions run about 1.5x faster
+        # so on a CPU than on pytorch-fid's NCHW, and differ from them by about 2e-6 of a feature's
+        # scale, far below the FID's second decimal.
+        x = batch.to(device).permute(0, 3, 1, 2).float().div(255).contiguous(memory_format=torch.channels_last)
         if resize == "nearest":
             x = interpolate(x, size=(INCEPTION_SIZE, INCEPTION_SIZE), mode="nearest-exact")
         with torch.no_grad():
