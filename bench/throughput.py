@@ -38,7 +38,7 @@ from models.fast.distinct import distinct_blocks  # noqa: E402
 from models.fast.threads import cpu_has_bfloat16  # noqa: E402
 from utils import data  # noqa: E402
 from utils.config import parse_config  # noqa: E402
-from utils.device import choose_device  # noqa: E402
+from utils.device import choose_device, describe_machine  # noqa: E402
 from utils.images import to_batch  # noqa: E402
 from utils.io import write_json  # noqa: E402
 from utils.losses import loss_terms  # noqa: E402
@@ -250,15 +250,6 @@ def matmul_rate(device, dtype, size=2048, seconds=1.0):
     return best
 
 
-def machine(device):
-    """The processor the figures belong to: the development machines have changed between sessions."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-             if line.startswith("model name")] if Path("/proc/cpuinfo").exists() else []
-    return f"{names[0] if names else 'unknown CPU'}, {len(names) or '?'} cores, {torch.backends.cpu.get_cpu_capability()}"
-
-
 def copy_bandwidth(device, megabytes=256, repeats=5):
     """Bytes per second of a large tensor copy, reads and writes both counted."""
     source = torch.ones(megabytes * 2**20 // 4, device=device)
@@ -316,7 +307,7 @@ def main(argv):
     ceilings[f"{device}:copy_bytes_per_second"] = copy_bandwidth(device)
     rates = ", ".join(f"{ceilings[f'{device}:{p}_matmul_flops'] / 1e9:.0f} GFLOP/s {p}" for p in precisions)
     kernels_used = "" if device.type != "cpu" else "; CPU kernels " + ("on" if kernels.available() else "off (torch's ops)")
-    print(f"{device} ({machine(device)}), {torch.get_num_threads()} threads: matrix multiply {rates}; copy "
+    print(f"{device} ({describe_machine(device)}), {torch.get_num_threads()} threads: matrix multiply {rates}; copy "
           f"{ceilings[f'{device}:copy_bytes_per_second'] / 1e9:.1f} GB/s (read + write){kernels_used}", flush=True)
     passed = [f"--{key}={cfg[key]}" for key in ("batch_size", "steps", "repeats", "warmup_steps", "threads",
                                                  "device", "fast", "distinct_blocks", "compile")]
@@ -332,7 +323,7 @@ def main(argv):
             results.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(f"  {name} {precision}: {results[-1]['images_per_second']:.1f} images/s "
                   f"({results[-1]['images']})", flush=True)
-    report = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "machine": machine(device), "settings": cfg,
+    report = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "machine": describe_machine(device), "settings": cfg,
               "ceilings": ceilings, "results": results}
     if cfg["prepare"]:
         report["prepare_seconds"] = time_preparation(train_pixel_vqvae.config["image_size"])

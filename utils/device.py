@@ -2,6 +2,7 @@
 import ctypes
 import functools
 import sys
+from pathlib import Path
 
 import torch
 
@@ -49,3 +50,13 @@ def choose_device(name):
     if device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"device {name!r} is not one this project runs on (try auto, cpu or cuda)")
     return device
+
+
+def describe_machine(device):
+    """The processor a figure belongs to: the development machines have changed between sessions."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    return f"{names[0] if names else 'unknown CPU'}, {len(names) or '?'} cores, {torch.backends.cpu.get_cpu_capability()}"

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from utils import plan as planned
 from utils.config import parse_config
+from utils.device import choose_device, describe_machine
 from utils.errors import UserError
 from utils.fid_weights import resolve_fid_weights
 from utils.io import write_json
@@ -151,7 +152,10 @@ def run_one(entry, status, args):
     # Wall time over every attempt, so a resumed experiment's total includes its interrupted runs.
     timing_path = logs / f"{entry['name']}.json"
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {"wall_seconds": 0.0, "attempts": 0}
-    write_json(timing_path, {"wall_seconds": timing["wall_seconds"] + seconds, "attempts": timing["attempts"] + 1})
+    # The processor too: a rerun on another one trains to other numbers (float rounding differs).
+    machines = sorted({*timing.get("machines", []), describe_machine(choose_device(resolved_config(entry, args)["device"]))})
+    write_json(timing_path, {"wall_seconds": timing["wall_seconds"] + seconds, "attempts": timing["attempts"] + 1,
+                             "machines": machines})
     if done.returncode:
         tail = log.read_text().splitlines()[-LOG_TAIL:]
         print("\n".join(tail), file=sys.stderr)
