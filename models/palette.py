@@ -79,9 +79,9 @@ class PaletteHead(nn.Module):
 # Logits computed at once: a test image on a noise background has a palette of thousands of
 # colours, so a whole batch's [B, H*W, K] logits (and their gradients) would take gigabytes.
 LOGIT_BUDGET = 1 << 24
-# With gradients, a batch with no more logits than this keeps them all for the backward pass (about
-# 0.8 GB with the softmax and gradient: 64 images of 256 colours at 64x64), where a larger one
-# recomputes each chunk's there; the recomputation cost a fifth of a training step.
+# With gradients, a batch with no more logits than this keeps them all for the backward pass (64
+# images of 256 colours at 64x64; by arithmetic, 4 bytes x 3 tensors of them, about 0.8 GB), where a
+# larger one recomputes each chunk's there: recomputing cost a fifth of a training step as measured.
 KEPT_LOGITS = 1 << 26
 
 
@@ -95,8 +95,9 @@ def _rows(palettes: Palettes, start: int, stop: int) -> Palettes:
 class PaletteChoice:
     """The choice of each pixel's colour among its palette's entries, computed a few images at a
     time (LOGIT_BUDGET); with gradients and more than KEPT_LOGITS of them, each chunk's logits are
-    recomputed in the backward pass instead of kept. One pass gives both the chosen colours and, where the palettes index the
-    input, the cross-entropy, so a training step computes the logits twice, not three times."""
+    recomputed in the backward pass instead of kept. One pass gives both the chosen colours and,
+    where the palettes index the input, the cross-entropy: a training step computes the logits
+    once (twice when recomputed), where it took three passes before."""
 
     def __init__(self, head: PaletteHead, features: Tensor, palettes: Palettes):
         self.head, self.features, self.palettes = head, features, palettes
