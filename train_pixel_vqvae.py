@@ -36,6 +36,7 @@ config = dict(
     # beside the codes (models/palette.py), so every output colour is one the sprite has.
     palette_output=False,
     palette_features=16,  # per-pixel features the choice compares with each palette colour's embedding
+    palette_context=0,  # > 0: the encoder also sees this many channels describing each pixel's palette entry
     palette_max_colours=256,  # training images with more colours (noise backgrounds) are left out
     batch_size=64,  # per process: torchrun --nproc_per_node=N steps on N * batch_size images
     sync_batchnorm=True,  # under torchrun, BatchNorm statistics of the global batch, not each process's

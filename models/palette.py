@@ -5,6 +5,11 @@ the codes, so an output colour is always one the sprite has. Each palette colour
 small network; a pixel's logits are the dot products of the decoder's features there with those
 embeddings. Training minimises the cross-entropy of the right entry (a differentiable choice);
 decoding takes the likeliest entry.
+
+With `context_features`, each entry is also described by its place in its own palette (its ranks,
+`palette_ranks`), and the encoder sees that description at every pixel of the colour: a code can
+then name "the third-darkest red of this sprite" where a colour alone would do, so that colours
+closer than the codebook's cells stay apart.
 """
 from typing import NamedTuple
 
@@ -55,15 +60,61 @@ def palette_union(*images: Tensor) -> Palettes:
 PADDING_LOGIT = -1e9
 
 
-class PaletteHead(nn.Module):
-    """Decoder features [B, F, H, W] and palettes -> logits [B, H*W, K] over each image's entries."""
+def palette_ranks(palettes: Palettes) -> Tensor:
+    """Each entry's place in its own palette [B, K, RANK_FEATURES]: the dense rank of its red, green
+    and blue levels and of its luminance among the palette's distinct values, both over the number
+    of those values and over 255 (0 on padding). Two distinct colours differ in some channel, so
+    their ranks differ however close the colours are."""
+    colours = palettes.colours.float()
+    luminance = colours @ colours.new_tensor([0.299, 0.587, 0.114])
+    values = torch.cat([colours, luminance[..., None]], -1).masked_fill(~palettes.valid[..., None], float("inf"))
+    ordered, order = values.sort(1)
+    rises = torch.ones_like(ordered, dtype=torch.long)
+    rises[:, 1:] = (ordered[:, 1:] != ordered[:, :-1]).long()
+    dense = rises.cumsum(1) - 1
+    ranks = torch.empty_like(dense).scatter_(1, order, dense).float()
+    highest = torch.where(ordered.isfinite(), dense, 0).amax(1, keepdim=True).clamp(min=1).float()
+    ranks = torch.cat([ranks / highest, ranks / COLOUR_LEVELS], -1)
+    return ranks.masked_fill(~palettes.valid[..., None], 0.0)
 
-    def __init__(self, features: int, hidden: int = 64):
+
+RANK_FEATURES = 8
+
+
+def _mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, outputs))
+
+
+class PaletteHead(nn.Module):
+    """Decoder features [B, F, H, W] and palettes -> logits [B, H*W, K] over each image's entries.
+
+    With `context_features`, entries are embedded from their colour and ranks, and `pixel_context`
+    gives the encoder `context_features` channels describing each pixel's own entry."""
+
+    def __init__(self, features: int, hidden: int = 64, context_features: int = 0):
         super().__init__()
-        self.embed = nn.Sequential(nn.Linear(3, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, features))
+        self.context_features = context_features
+        inputs = 3 + (RANK_FEATURES if context_features else 0)
+        self.embed = _mlp(inputs, hidden, features)
+        self.context = _mlp(inputs, hidden, context_features) if context_features else None
+
+    def entries(self, palettes: Palettes, dtype: torch.dtype) -> Tensor:
+        """What the embeddings see of each entry [B, K, 3 (+ RANK_FEATURES)]."""
+        if self.context is None:
+            return palettes.colours.to(dtype)
+        return torch.cat([palettes.colours.float(), palette_ranks(palettes)], -1).to(dtype)
+
+    def pixel_context(self, palettes: Palettes, dtype: torch.dtype) -> Tensor:
+        """[B, context_features, H, W]: the description of each pixel's entry, from the input's own
+        palettes (which index it)."""
+        described = self.context(self.entries(palettes, dtype))
+        b, h, w = palettes.index.shape
+        picked = torch.gather(described, 1, palettes.index.reshape(b, h * w, 1).expand(-1, -1, described.shape[-1]))
+        # [B, H, W, C] seen as [B, C, H, W] is channels last, the layout the encoder runs in.
+        return picked.reshape(b, h, w, -1).permute(0, 3, 1, 2)
 
     def forward(self, features: Tensor, palettes: Palettes) -> Tensor:
-        embedded = self.embed(palettes.colours.to(features.dtype))
+        embedded = self.embed(self.entries(palettes, features.dtype))
         # The padding of smaller palettes is pushed out of reach inside the product, as one more
         # feature of constant 1 against an entry of 0 or PADDING_LOGIT: a separate pass over the
         # logits to mask them cost as much as the product itself.

@@ -1,6 +1,7 @@
 """VQ-VAE and Pixel VQ-VAE: encoder, vector quantiser (EMA, residual or finite scalar), decoder."""
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from .decoder import Decoder
@@ -26,6 +27,8 @@ class VQVAE(nn.Module):
     The plain VQ-VAE has neither `adapter_layer` nor `pixelsight_filters`; Pixel VQ-VAE has both.
     With `palette_output` the decoder ends in `palette_features` features per pixel, from which
     models/palette.py chooses one colour of the input's own palette; decoding then needs a palette.
+    `palette_context` > 0 also gives the encoder that many channels describing each pixel's place in
+    its sprite's palette, so that codes can name palette entries rather than colours.
     `quantizer` is 'ema' (the paper's), 'residual' (`residual_depth` EMA quantisers in turn) or 'fsq'
     (`fsq_levels` per channel, whose product is `num_embeddings`).
     Keyword names are the config keys, so `VQVAE(**model_config)` builds either.
@@ -36,11 +39,13 @@ class VQVAE(nn.Module):
                  adapter_layer: bool = False, pixelsight_filters: int = 0, in_channels: int = 3,
                  kmeans_init: bool = False, dead_code_threshold: float = 0.0,
                  palette_output: bool = False, palette_features: int = 16, quantizer: str = "ema",
-                 residual_depth: int = 4, fsq_levels: str = "8,8,4"):
+                 residual_depth: int = 4, fsq_levels: str = "8,8,4", palette_context: int = 0):
         super().__init__()
+        if palette_context and not palette_output:
+            raise ValueError("palette_context describes palette entries: it needs palette_output=True")
         self.num_layers, self.pixelsight_filters = num_layers, pixelsight_filters
         self.encoder = Encoder(num_layers, embedding_dim, adapter_layer, pixelsight_filters,
-                               in_channels)
+                               in_channels + palette_context)
         if quantizer == "ema":
             self.quantizer = VectorQuantizerEMA(num_embeddings, embedding_dim, commitment_cost,
                                                 ema_decay, kmeans_init=kmeans_init,
@@ -59,7 +64,7 @@ class VQVAE(nn.Module):
         out_channels = palette_features if palette_output else in_channels
         self.decoder = Decoder(num_layers, embedding_dim, adapter_layer, pixelsight_filters,
                                out_channels, output_activation=not palette_output)
-        self.palette_head = PaletteHead(palette_features) if palette_output else None
+        self.palette_head = PaletteHead(palette_features, context_features=palette_context) if palette_output else None
 
     def code_grid_size(self, image_size: int) -> int:
         """Side of the code grid for a square image of side `image_size`."""
@@ -68,8 +73,12 @@ class VQVAE(nn.Module):
             raise ValueError(f"image size {image_size} is not a multiple of 2^num_layers = {scale}")
         return image_size // scale
 
-    def encode_latents(self, x: Tensor) -> Tensor:
-        """Image -> latents before quantisation, z_e."""
+    def encode_latents(self, x: Tensor, palettes: Palettes | None = None) -> Tensor:
+        """Image -> latents before quantisation, z_e. With palette_context the encoder also sees each
+        pixel's entry of `palettes`, the input's own (computed from x when not given)."""
+        if self.palette_head is not None and self.palette_head.context_features:
+            palettes = palettes if palettes is not None else sprite_palettes(x)
+            x = torch.cat([x, self.palette_head.pixel_context(palettes, x.dtype)], 1)
         return self.encoder(x)
 
     def quantize(self, z_e: Tensor) -> QuantizerOutput:
@@ -94,8 +103,10 @@ class VQVAE(nn.Module):
         return self.decode(self.quantizer.embed_indices(indices), palettes)
 
     def forward(self, x: Tensor) -> VQVAEOutput:
-        quantized = self.quantize(self.encode_latents(x))
         if self.palette_head is None:
+            quantized = self.quantize(self.encode_latents(x))
             return VQVAEOutput(self.decode(quantized.quantized), quantized.loss, quantized.indices)
-        choice = PaletteChoice(self.palette_head, self.decoder(quantized.quantized), sprite_palettes(x))
+        palettes = sprite_palettes(x)
+        quantized = self.quantize(self.encode_latents(x, palettes))
+        choice = PaletteChoice(self.palette_head, self.decoder(quantized.quantized), palettes)
         return VQVAEOutput(choice.chosen_colours(), quantized.loss, quantized.indices, choice)

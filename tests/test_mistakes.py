@@ -43,6 +43,8 @@ BAD_VALUES = [
     ("ssim_weight", "inf", "a finite number"),
     ("palette_features", "0", "at least 1"),
     ("palette_max_colours", "1", "at least 2"),
+    ("palette_context", "-1", "at least 0"),
+    ("palette_context", "8", "0 unless palette_output=True"),
     ("max_filters", "0", "at least 1"),
     ("latent_dim", "0", "at least 1"),
     ("kl_weight", "-1", "at least 0"),

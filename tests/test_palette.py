@@ -9,7 +9,7 @@ import torch
 from models import VQVAE
 from models.fast import FastPathUnavailable, accelerate
 from models import palette
-from models.palette import palette_union, sprite_palettes
+from models.palette import palette_ranks, palette_union, sprite_palettes
 from tests.helpers import palette_batch, train
 from utils.data import SpriteSet
 from utils.errors import UserError
@@ -83,6 +83,57 @@ def test_training_the_choice_makes_pixels_exact():
     assert before < 0.5 and after > 0.99, (before, after)
 
 
+def shade_batch(n=8, size=16, shades=6, step=3, seed=1):
+    """Sprites of 2x2 cells, each in `shades` shades `step` levels apart of its own random colour:
+    a ramp, as pixel art shades, of colours closer together than any small codebook's cells."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, 256 - shades * step, (n, 1, 3), generator=generator)
+    palettes = base + step * torch.arange(shades).view(1, shades, 1)
+    cells = torch.randint(0, shades, (n, (size // 2) ** 2, 1), generator=generator)
+    images = torch.gather(palettes, 1, cells.expand(-1, -1, 3)).view(n, size // 2, size // 2, 3)
+    images = images.repeat_interleave(2, 1).repeat_interleave(2, 2).float() / 255
+    return images.permute(0, 3, 1, 2).contiguous()
+
+
+def test_ranks_tell_apart_colours_one_level_apart_and_ignore_the_padding():
+    x = torch.tensor([[[10, 10, 10], [11, 10, 10], [10, 11, 10], [200, 0, 0]],
+                      [[5, 5, 5], [5, 5, 5], [5, 5, 5], [5, 5, 6]]], dtype=torch.float32) / 255
+    palettes = sprite_palettes(x.view(2, 1, 4, 3).permute(0, 3, 1, 2))
+    ranks = palette_ranks(palettes)
+    assert ranks.shape == (2, 4, 8)
+    first = ranks[0, palettes.valid[0]]
+    assert len({tuple(row.tolist()) for row in first}) == 4  # every entry its own place
+    assert ranks[1, ~palettes.valid[1]].abs().sum() == 0
+    # Red: 10, 10, 11, 200 have dense ranks 0, 0, 1, 2 of 3 distinct levels; over 255 they are 0..2/255.
+    red = palettes.colours[0, :, 0] * 255
+    assert sorted(ranks[0, :, 0].tolist()) == [0.0, 0.0, 0.5, 1.0]
+    assert ranks[0, red.argmax(), 4].item() == pytest.approx(2 / 255)
+
+
+@pytest.mark.parametrize("context, lowest, highest", [(0, 0.0, 0.5), (8, 0.99, 1.0)])
+def test_codes_that_name_palette_entries_rebuild_close_shades_of_unseen_sprites(context, lowest, highest):
+    torch.manual_seed(0)
+    # Per pixel, 16 codes: a code of the colour alone puts a sprite's six close shades in one or two
+    # cells; a code of its place in the palette tells them apart, in sprites it has never seen too.
+    model = VQVAE(num_layers=0, adapter_layer=True, num_embeddings=16, embedding_dim=8, palette_output=True,
+                  palette_features=8, palette_context=context, kmeans_init=True, dead_code_threshold=0.5)
+    x, unseen = shade_batch(size=8, seed=1), shade_batch(size=8, seed=2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+    for _ in range(300):
+        optimizer.zero_grad()
+        loss_terms("vqvae", model(x), x, {"use_ssim_loss": False})["loss"].backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        share = (keys(model(unseen).reconstruction) == keys(unseen)).float().mean().item()
+    assert lowest <= share <= highest, share
+
+
+def test_palette_context_needs_a_palette_output():
+    with pytest.raises(ValueError, match="needs palette_output=True"):
+        VQVAE(num_layers=1, num_embeddings=16, embedding_dim=8, palette_context=4)
+
+
 def test_ssim_term_trains_through_the_expected_colours():
     model = VQVAE(**TINY_PALETTE)
     x = palette_batch(n=2, colours=6)
@@ -121,9 +172,10 @@ def test_a_few_images_at_a_time_gives_the_whole_batchs_loss_gradients_and_colour
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
-def test_decoding_codes_needs_a_palette_and_matches_the_forward_pass_with_the_inputs_own():
+@pytest.mark.parametrize("context", [0, 4])
+def test_decoding_codes_needs_a_palette_and_matches_the_forward_pass_with_the_inputs_own(context):
     torch.manual_seed(0)
-    model = VQVAE(**TINY_PALETTE).eval()
+    model = VQVAE(**TINY_PALETTE, palette_context=context).eval()
     x = palette_batch(n=3, colours=10)
     with torch.no_grad():
         codes = model.encode(x)
@@ -183,8 +235,10 @@ def test_a_palette_model_leaves_out_training_images_with_more_colours_than_its_l
         palette_training_set(train_set, {**config, "palette_max_colours": 2})
 
 
-def test_palette_model_trains_end_to_end_with_fusions_and_honest_bits(tmp_path, tiny_data):
-    done = train("train_vqvae.py", tmp_path, tiny_data, "--palette_output=True", "--palette_features=8")
+@pytest.mark.parametrize("context", ["0", "4"])
+def test_palette_model_trains_end_to_end_with_fusions_and_honest_bits(tmp_path, tiny_data, context):
+    done = train("train_vqvae.py", tmp_path, tiny_data, "--palette_output=True", "--palette_features=8",
+                 f"--palette_context={context}")
     assert done.returncode == 0, done.stderr[-3000:]
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())

@@ -67,6 +67,12 @@ def _ema_decay(value, config):
     return None if 0 <= value < 1 else "at least 0 and below 1"
 
 
+def _palette_context(value, config):
+    if value < 0:
+        return "at least 0"
+    return None if value == 0 or config.get("palette_output") else "0 unless palette_output=True (it describes palette entries)"
+
+
 def _fsq_levels(value, config):
     """Integers of at least 2; under quantizer 'fsq', their product is the codebook size."""
     from models.fsq import parse_levels  # the one parser, so that config and model agree on the format
@@ -102,6 +108,7 @@ RULES = {
     "ssim_weight": _at_least(0),
     "palette_features": _at_least(1),
     "palette_max_colours": _at_least(2),
+    "palette_context": _palette_context,
     "max_filters": _at_least(1),
     "latent_dim": _at_least(1),
     "kl_weight": _at_least(0),
