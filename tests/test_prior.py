@@ -14,6 +14,7 @@ from PIL import Image
 from models import GatedPixelCNN, build_model
 from tests.helpers import ROOT
 from utils.data import load_split
+from utils import prior as prior_module
 from utils.prior import encode_split, nearest_images, paired_rows, run_prior_epoch, sample_fid
 from utils.train import load_model, save_model
 
@@ -196,3 +197,15 @@ def test_sampling_settings_are_checked_before_any_training(tmp_path, tiny_data, 
     done = train_prior(vq_folder, "vq", tiny_data, random_weights, "--temperature=0", name="cold")
     assert done.returncode == 2 and "--temperature must be above 0, got 0.0" in done.stderr
     assert not (vq_folder / "cold").exists()
+
+
+def test_sample_figures_show_the_first_samples_only(tmp_path):
+    rng = np.random.default_rng(0)
+    samples = rng.integers(0, 256, (prior_module.FIGURE_SAMPLES + 36, 4, 4, 3), dtype=np.uint8)
+    nearest = rng.integers(0, 256, samples.shape, dtype=np.uint8)
+    (tmp_path / "all").mkdir(), (tmp_path / "first").mkdir()
+    prior_module.write_sample_figures(samples, nearest, tmp_path / "all")
+    first = prior_module.FIGURE_SAMPLES
+    prior_module.write_sample_figures(samples[:first], nearest[:first], tmp_path / "first")
+    for name in ("sample_grid.png", "nearest_grid.png"):
+        assert (tmp_path / "all" / name).read_bytes() == (tmp_path / "first" / name).read_bytes()

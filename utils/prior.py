@@ -34,6 +34,9 @@ DUPLICATE_PIXEL_SHARE = 0.99
 NEAREST_CHUNK = 1024  # training images per distance product: about 100 MB of float64 at 64x64
 GRID_CHUNK = 64  # training code grids per comparison: 1,000 samples of 64x64 codes make 260 MB
 GRID_COLUMNS = 8
+# Samples the two figures show (every sample is saved as its own PNG): 1,000 of them made a figure
+# 32,000 pixels tall.
+FIGURE_SAMPLES = 64
 
 
 def load_vq_model(config, device):
@@ -188,6 +191,15 @@ def sample_fid(samples, test_images, config, device):
     return {"fid": value, "fid_weights": weights_record(weights)}
 
 
+def write_sample_figures(samples, nearest, out):
+    """The first FIGURE_SAMPLES samples in a grid (sample_grid.png), and in rows over the rows of
+    their nearest training images `nearest` (nearest_grid.png)."""
+    samples, nearest = samples[:FIGURE_SAMPLES], nearest[:FIGURE_SAMPLES]
+    columns = min(GRID_COLUMNS, len(samples))
+    save_png(upscale_nearest(image_grid(samples, columns), 2), out / "sample_grid.png")
+    save_png(upscale_nearest(image_grid(paired_rows(samples, nearest, columns), columns), 2), out / "nearest_grid.png")
+
+
 def write_samples(prior, vq_model, train_grids, coded_set, train_set, test_set, out, config, device):
     """New sprites, each beside its nearest training image, in `out`; returns their metrics.
     `train_grids` are the codes of `coded_set`'s images; a palette-output VQ model draws each sample
@@ -211,10 +223,7 @@ def write_samples(prior, vq_model, train_grids, coded_set, train_set, test_set, 
     write_json(out / "samples" / "nearest.json", [
         {"sample": name, "nearest_training_image": train_set.names[i], "mse": float(d),
          "exact_pixel_share": float(s)} for name, i, d, s in zip(names, nearest, distances, same_pixels)])
-    columns = min(GRID_COLUMNS, len(samples))
-    save_png(upscale_nearest(image_grid(samples, columns), 2), out / "sample_grid.png")
-    pairs = paired_rows(samples, train_set.images[nearest], columns)
-    save_png(upscale_nearest(image_grid(pairs, columns), 2), out / "nearest_grid.png")
+    write_sample_figures(samples, train_set.images[nearest], out)
 
     learnt = {grid.tobytes() for grid in train_grids}
     return {"num_samples": len(samples), "temperature": config["temperature"], **palette,
