@@ -64,7 +64,7 @@ def lossless_bits(image):
     a lossless WebP of a uint8 [H, W, 3] image; each is decoded and checked exact."""
     picture = Image.fromarray(image)
     files = []
-    colours = len(np.unique(colour_keys(image)))
+    colours = int(colour_counts(image[None])[0])
     if colours <= 256:
         indexed = picture.quantize(colors=colours, method=Image.Quantize.MAXCOVERAGE, dither=Image.Dither.NONE)
         files.append(("PNG", indexed, {"optimize": True}))

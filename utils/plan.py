@@ -32,7 +32,7 @@ EXACT = (
      {**GRID_16X16, "palette_output": True}),
     ("palette_per_pixel", "Pixel VQ-VAE per pixel + palette output", "train_pixel_vqvae.py", {"palette_output": True}),
     # The same two with codes that can name palette entries (models/palette.py, palette_context): per
-    # pixel, codes of the colour alone cap sprite-exactness near 81% here (a 256-cell k-means of the
+    # pixel, codes of the colour alone cap sprite-exactness near 80% here (a 256-cell k-means of the
     # training sprites' colours, each sprite's colours sharing a cell counted wrong but the commonest).
     ("palette_context_pixel_vqvae", "Pixel VQ-VAE + palette output and context", "train_pixel_vqvae.py",
      {**GRID_16X16, "palette_output": True, "palette_context": 8}),
