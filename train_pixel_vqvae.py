@@ -25,6 +25,9 @@ config = dict(
     # reference does); --kmeans_init=False --dead_code_threshold=0 gives the paper's quantiser.
     kmeans_init=True,  # place the codebook by k-means++ on the first batch
     dead_code_threshold=0.5,  # restart codes whose EMA use falls below this; 0 = off
+    # 'error': restart them on latents drawn in proportion to their quantisation error, where
+    # colours share a code, not uniformly (mostly background); 'uniform' is what the results used.
+    dead_code_sampling="uniform",
     # Not in the paper: 'ema' is its quantiser; 'residual' codes each latent as the sum of
     # residual_depth codes, one per EMA codebook; 'fsq' rounds len(fsq_levels) channels to a grid.
     quantizer="ema",

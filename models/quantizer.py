@@ -9,6 +9,7 @@ from .collectives import all_gather_rows, all_reduce_sum, broadcast_from_first_r
 
 KMEANS_SAMPLES = 16384  # latents k-means sees; enough to place the codes, cheap at any batch size
 KMEANS_ITERATIONS = 10
+DEAD_CODE_SAMPLING = ("uniform", "error")
 
 
 class QuantizerOutput(NamedTuple):
@@ -48,14 +49,18 @@ class VectorQuantizerEMA(nn.Module):
     The codebook is learnt by EMA of the latents assigned to each code (with Laplace-smoothed
     counts), not by gradients, so it and its statistics are buffers. Opt-in: `kmeans_init` places
     the codes by k-means on the first training batch; `dead_code_threshold` > 0 moves codes whose
-    EMA count falls below it onto random latents of the current batch. A placed code counts as
-    seen once, so the threshold belongs below 1.
+    EMA count falls below it onto latents of the current batch, drawn uniformly or, with
+    `dead_code_sampling='error'`, in proportion to their squared distance from their codes. A placed
+    code counts as seen once, so the threshold belongs below 1.
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, commitment_cost: float = 0.25,
                  decay: float = 0.99, epsilon: float = 1e-5, kmeans_init: bool = False,
-                 dead_code_threshold: float = 0.0):
+                 dead_code_threshold: float = 0.0, dead_code_sampling: str = "uniform"):
         super().__init__()
+        if dead_code_sampling not in DEAD_CODE_SAMPLING:
+            raise ValueError(f"dead_code_sampling {dead_code_sampling!r} is not one of {', '.join(DEAD_CODE_SAMPLING)}")
+        self.dead_code_sampling = dead_code_sampling
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.commitment_cost, self.decay, self.epsilon = commitment_cost, decay, epsilon
         self.kmeans_init, self.dead_code_threshold = kmeans_init, dead_code_threshold
@@ -90,10 +95,10 @@ class VectorQuantizerEMA(nn.Module):
         if self.training:
             code_counts = torch.bincount(indices, minlength=self.num_embeddings).float()
             sums = flat.new_zeros(self.num_embeddings, d).index_add_(0, indices, flat)
+            errors = self.latent_errors(flat, indices)
             self.update_codebook(code_counts, sums)
             if self.dead_code_threshold > 0:
-                rows = torch.randint(len(flat), (self.num_embeddings,), device=flat.device)
-                self.restart_dead_codes(flat[rows])
+                self.restart_dead_codes(flat[self.restart_rows(len(flat), errors)])
         return codes, indices.reshape(b, h, w)
 
     def embed_indices(self, indices: Tensor) -> Tensor:
@@ -124,6 +129,26 @@ class VectorQuantizerEMA(nn.Module):
         smoothed = ((self.cluster_size + self.epsilon)
                     / (total + self.num_embeddings * self.epsilon) * total)
         self.embedding.copy_(self.embed_sum / smoothed.unsqueeze(1))
+
+    def latent_errors(self, flat: Tensor, indices: Tensor) -> Tensor | None:
+        """Each latent's squared distance from its code, where restarts are drawn by it (else None)."""
+        if self.dead_code_threshold <= 0 or self.dead_code_sampling != "error":
+            return None
+        return (flat - self.embedding.float()[indices]).square().sum(1)
+
+    def restart_rows(self, positions: int, errors: Tensor | None) -> Tensor:
+        """One of the batch's `positions` latents for each code, the candidates that dead codes move
+        onto: uniform, or in proportion to `errors` [positions] under dead_code_sampling 'error'."""
+        k, device = self.num_embeddings, self.embedding.device
+        if self.dead_code_sampling == "uniform":
+            return torch.randint(positions, (k,), device=device)
+        # Per pixel, most latents are background that a code already serves; drawing by error sends
+        # dead codes to the colours that share a code. Inverse-CDF sampling, since torch.multinomial
+        # takes at most 2^24 categories (a large batch of per-pixel latents); the floor keeps it
+        # defined when every latent sits on its code.
+        cumulative = (errors.double() + 1e-12).cumsum(0)
+        draws = torch.rand(k, dtype=torch.float64, device=device) * cumulative[-1]
+        return torch.searchsorted(cumulative, draws, right=True).clamp_(max=positions - 1)
 
     @torch.no_grad()
     def restart_dead_codes(self, candidates: Tensor) -> None:

@@ -18,7 +18,7 @@ class ResidualVectorQuantizer(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, depth: int, commitment_cost: float = 0.25,
                  decay: float = 0.99, epsilon: float = 1e-5, kmeans_init: bool = False,
-                 dead_code_threshold: float = 0.0):
+                 dead_code_threshold: float = 0.0, dead_code_sampling: str = "uniform"):
         super().__init__()
         if depth < 1:
             raise ValueError(f"residual_depth must be at least 1, got {depth}")
@@ -26,7 +26,7 @@ class ResidualVectorQuantizer(nn.Module):
         # Each level's own commitment cost is unused: the loss is taken once, on the sum.
         self.quantizers = nn.ModuleList(
             VectorQuantizerEMA(num_embeddings, embedding_dim, commitment_cost, decay, epsilon, kmeans_init,
-                               dead_code_threshold) for _ in range(depth))
+                               dead_code_threshold, dead_code_sampling) for _ in range(depth))
 
     @property
     def depth(self) -> int:

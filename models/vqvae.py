@@ -30,7 +30,8 @@ class VQVAE(nn.Module):
     `palette_context` > 0 also gives the encoder that many channels describing each pixel's place in
     its sprite's palette, so that codes can name palette entries rather than colours.
     `quantizer` is 'ema' (the paper's), 'residual' (`residual_depth` EMA quantisers in turn) or 'fsq'
-    (`fsq_levels` per channel, whose product is `num_embeddings`).
+    (`fsq_levels` per channel, whose product is `num_embeddings`). `dead_code_sampling` says how the
+    EMA codebooks draw the latents that dead codes restart on: 'uniform' or by quantisation 'error'.
     Keyword names are the config keys, so `VQVAE(**model_config)` builds either.
     """
 
@@ -39,7 +40,8 @@ class VQVAE(nn.Module):
                  adapter_layer: bool = False, pixelsight_filters: int = 0, in_channels: int = 3,
                  kmeans_init: bool = False, dead_code_threshold: float = 0.0,
                  palette_output: bool = False, palette_features: int = 16, quantizer: str = "ema",
-                 residual_depth: int = 4, fsq_levels: str = "8,8,4", palette_context: int = 0):
+                 residual_depth: int = 4, fsq_levels: str = "8,8,4", palette_context: int = 0,
+                 dead_code_sampling: str = "uniform"):
         super().__init__()
         if palette_context and not palette_output:
             raise ValueError("palette_context describes palette entries: it needs palette_output=True")
@@ -49,11 +51,13 @@ class VQVAE(nn.Module):
         if quantizer == "ema":
             self.quantizer = VectorQuantizerEMA(num_embeddings, embedding_dim, commitment_cost,
                                                 ema_decay, kmeans_init=kmeans_init,
-                                                dead_code_threshold=dead_code_threshold)
+                                                dead_code_threshold=dead_code_threshold,
+                                                dead_code_sampling=dead_code_sampling)
         elif quantizer == "residual":
             self.quantizer = ResidualVectorQuantizer(num_embeddings, embedding_dim, residual_depth,
                                                      commitment_cost, ema_decay, kmeans_init=kmeans_init,
-                                                     dead_code_threshold=dead_code_threshold)
+                                                     dead_code_threshold=dead_code_threshold,
+                                                     dead_code_sampling=dead_code_sampling)
         elif quantizer == "fsq":
             self.quantizer = FiniteScalarQuantizer(embedding_dim, parse_levels(fsq_levels))
             if self.quantizer.num_embeddings != num_embeddings:

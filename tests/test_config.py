@@ -138,3 +138,9 @@ def test_the_quantisers_the_config_accepts_are_the_ones_the_model_builds():
     from models.vqvae import QUANTIZERS as BUILT
     from utils.config import QUANTIZERS
     assert QUANTIZERS == BUILT
+
+
+def test_the_restart_samplings_the_config_accepts_are_the_ones_the_quantiser_draws():
+    from models.quantizer import DEAD_CODE_SAMPLING as BUILT
+    from utils.config import DEAD_CODE_SAMPLING
+    assert DEAD_CODE_SAMPLING == BUILT

@@ -62,7 +62,8 @@ def step(quantizer, z, run):
     return out, z.grad, {name: buffer.clone() for name, buffer in quantizer.named_buffers()}
 
 
-@pytest.mark.parametrize("keys", [dict(), dict(kmeans_init=True, dead_code_threshold=0.99)])
+@pytest.mark.parametrize("keys", [dict(), dict(kmeans_init=True, dead_code_threshold=0.99),
+                                  dict(kmeans_init=True, dead_code_threshold=0.99, dead_code_sampling="error")])
 def test_the_fast_forward_is_the_reference_forward_on_the_whole_batch(keys):
     reference, fast = quantizer_pair(**keys)
     z = colour_latents()
@@ -76,7 +77,8 @@ def test_the_fast_forward_is_the_reference_forward_on_the_whole_batch(keys):
         assert_close_to_scale(buffer, expected_state[name], 1e-5, name)
 
 
-@pytest.mark.parametrize("keys", [dict(), dict(kmeans_init=True, dead_code_threshold=0.99)])
+@pytest.mark.parametrize("keys", [dict(), dict(kmeans_init=True, dead_code_threshold=0.99),
+                                  dict(kmeans_init=True, dead_code_threshold=0.99, dead_code_sampling="error")])
 def test_distinct_latents_with_their_counts_quantise_as_the_whole_batch_does(keys):
     # k-means sees the batch with its copies, and a restarted code lands on the latent of the
     # position the reference draws: the same random numbers, the same codes.

@@ -36,6 +36,7 @@ BAD_VALUES = [
     ("ema_decay", "-0.1", "at least 0 and below 1"),
     ("dead_code_threshold", "-1", "at least 0"),
     ("quantizer", "gumbel", "one of ema, residual, fsq"),
+    ("dead_code_sampling", "far", "one of uniform, error"),
     ("residual_depth", "0", "at least 1"),
     ("fsq_levels", "8,x,4", "integers separated by commas"),
     ("fsq_levels", "8,1", "levels of at least 2 each"),

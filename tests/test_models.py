@@ -312,6 +312,29 @@ def test_dead_codes_restart_on_batch_latents_with_fresh_statistics():
     assert quantizer.cluster_size.tolist() == [0.5 + 0.5 * 16, 1, 1, 1]
 
 
+@pytest.mark.parametrize("sampling", ["uniform", "error"])
+def test_restarts_drawn_by_error_land_on_the_latents_that_share_a_code_far_from_it(sampling):
+    # 1,020 latents sit on code 0 (the background); 4 sit 5 away from it in two places (two colours
+    # that share it). Uniform draws of 3 codes pick among the background nearly always; draws by
+    # error, never.
+    torch.manual_seed(0)
+    quantizer = VectorQuantizerEMA(4, 2, decay=0.5, dead_code_threshold=0.6, dead_code_sampling=sampling)
+    set_codebook(quantizer, [[0, 0], [50, 50], [-50, 50], [50, -50]])
+    latents = torch.zeros(1024, 2)
+    latents[:2], latents[2:4] = torch.tensor([3.0, 4]), torch.tensor([-3.0, 4])
+    quantizer(latents.t().reshape(1, 2, 32, 32))
+    on_far = (torch.cdist(quantizer.embedding[1:], latents[:4]).min(1).values == 0).sum().item()
+    assert on_far == (3 if sampling == "error" else 0)
+
+
+def test_error_draws_keep_to_the_batch_when_every_latent_is_on_its_code():
+    quantizer = VectorQuantizerEMA(4, 2, dead_code_threshold=0.5, dead_code_sampling="error")
+    rows = quantizer.restart_rows(7, torch.zeros(7))
+    assert rows.shape == (4,) and 0 <= rows.min() and rows.max() < 7
+    with pytest.raises(ValueError, match="dead_code_sampling 'far' is not one of uniform, error"):
+        VectorQuantizerEMA(4, 2, dead_code_sampling="far")
+
+
 def test_without_a_threshold_dead_codes_stay_put():
     quantizer = VectorQuantizerEMA(4, 2, decay=0.5)
     set_codebook(quantizer, [[0, 0], [50, 50], [-50, 50], [50, -50]])

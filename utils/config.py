@@ -23,6 +23,7 @@ _NONE_WORDS = {"none", "null"}
 
 PRECISIONS = ("fp32", "bf16")
 QUANTIZERS = ("ema", "residual", "fsq")  # models/vqvae.py builds each
+DEAD_CODE_SAMPLING = ("uniform", "error")  # models/quantizer.py draws restarts each way
 FID_DIMS = (64, 192, 768, 2048)
 
 
@@ -102,6 +103,7 @@ RULES = {
     "commitment_cost": _at_least(0),
     "ema_decay": _ema_decay,
     "dead_code_threshold": _at_least(0),
+    "dead_code_sampling": _one_of(DEAD_CODE_SAMPLING),
     "quantizer": _one_of(QUANTIZERS),
     "residual_depth": _at_least(1),
     "fsq_levels": _fsq_levels,

@@ -107,10 +107,13 @@ def quantize(quantizer: VectorQuantizerEMA, z_e: Tensor, repeats: Repeats | None
             else:
                 code_counts = flat.new_zeros(k).index_add_(0, indices, counts)
                 sums = flat.new_zeros(k, d).index_add_(0, indices, flat * counts.unsqueeze(1))
+            errors = quantizer.latent_errors(flat, indices)
             quantizer.update_codebook(code_counts, sums)
             if quantizer.dead_code_threshold > 0:
                 positions = len(flat) if repeats is None else len(repeats.inverse)
-                rows = torch.randint(positions, (k,), device=flat.device)
+                if errors is not None and repeats is not None:
+                    errors = errors[repeats.inverse]
+                rows = quantizer.restart_rows(positions, errors)
                 quantizer.restart_dead_codes(flat[rows if repeats is None else repeats.inverse[rows]])
         quantized, loss = _StraightThrough.apply(z, codes, counts, quantizer.commitment_cost)
     return QuantizerOutput(quantized.to(z_e.dtype), loss, indices.reshape(b, h, w))
