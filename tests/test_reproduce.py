@@ -11,9 +11,10 @@ import torch
 from tests.helpers import ROOT, files, refusal
 from utils import plan as planned
 from utils.device import describe_machine
+from utils.io import write_json
 from utils.metrics import bits_per_sprite
 from utils.reproduce import main, script_defaults
-from utils.results import SHOWN_DIR, TEST_SPRITES
+from utils.results import RUN_FILE, SHOWN_DIR, TEST_SPRITES
 
 FID_DIMS = 64  # the random-weights network's smallest features: a real FID, cheap on tiny images
 
@@ -152,12 +153,36 @@ def test_tables_only_rebuilds_results_md_from_the_results_folder_alone(smoke, tm
     assert (copy / "results.md").read_text() == (results / "results.md").read_text()
 
 
+def test_a_wall_time_shorter_than_the_training_is_shown_as_missing_attempts(smoke, tmp_path):
+    (_, results, _, _), _, _ = smoke
+    copy = tmp_path / "results"
+    subprocess.run(["cp", "-r", str(results), str(copy)], check=True)
+    # What a run resumed from an attempt that no one timed looks like once published.
+    run_path = copy / "paper_vqvae_s42" / RUN_FILE
+    train = json.loads((copy / "paper_vqvae_s42" / "metrics.json").read_text())["train_seconds"]
+    write_json(run_path, {**json.loads(run_path.read_text()), "wall_seconds": train / 2, "attempts": 1})
+    done = subprocess.run([sys.executable, "-m", "utils.reproduce", "--tables-only", f"--results={copy}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = (copy / "results.md").read_text()
+    assert "1 experiment(s) also ran attempts cut off before they could be timed" in text
+    row = next(line for line in text.splitlines() if line.startswith("| paper_vqvae_s42 |"))
+    assert row.split(" | ")[5].endswith("(1) and earlier attempts untimed")
+    paper_row = next(line for line in text.splitlines() if "(`paper_vqvae`)" in line)
+    assert paper_row.rstrip(" |").endswith("| -")
+
+
 def test_an_interrupted_experiment_is_resumed_from_its_checkpoint(smoke):
     folders, _, _ = smoke
     experiment = folders[0] / "paper_vqvae_s42"
     checkpoint = (experiment / "checkpoint.pt").read_bytes()
-    # Killed after its last checkpoint, before its metrics: what a power cut at the end leaves.
+    # Killed after its last checkpoint, before its metrics: what a power cut at the end leaves. The
+    # command died with it, so the attempt was never timed: it started 100 s before its log's last line.
     (experiment / "metrics.json").unlink()
+    timing_path = folders[0] / ".reproduce" / "paper_vqvae_s42.json"
+    before = json.loads(timing_path.read_text())
+    log_path = folders[0] / ".reproduce" / "paper_vqvae_s42.log"
+    write_json(timing_path, {**before, "running_since": log_path.stat().st_mtime - 100})
     done = reproduce(folders, "--only=paper")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "paper_vqvae_s42 (paper, train_vqvae.py): resume" in done.stdout
@@ -167,7 +192,8 @@ def test_an_interrupted_experiment_is_resumed_from_its_checkpoint(smoke):
     assert "resumed" in log and (experiment / "checkpoint.pt").read_bytes() == checkpoint
     assert (experiment / "metrics.json").exists()
     timing = json.loads((folders[1] / "paper_vqvae_s42" / "reproduce.json").read_text())
-    assert timing["attempts"] == 2
+    assert timing["attempts"] == 3 and "running_since" not in timing
+    assert timing["wall_seconds"] > before["wall_seconds"] + 100
     # Both attempts ran on this processor, named once.
     assert timing["machines"] == [describe_machine(torch.device("cpu"))]
 

@@ -134,6 +134,23 @@ def selected(entries, only):
     return [e for e in entries if e["name"] in wanted]
 
 
+def recorded_timing(logs, name):
+    """Wall seconds and attempts of `name` so far (None if this command never ran it). Wall time
+    is kept over every attempt, so a resumed experiment's total includes its interrupted runs; one
+    killed with this command (a session's end) never came back to be timed, and counts as running
+    until its script last wrote to the log."""
+    path = logs / f"{name}.json"
+    if not path.exists():
+        return None
+    timing = json.loads(path.read_text())
+    if "running_since" in timing:
+        since = timing.pop("running_since")
+        log = logs / f"{name}.log"
+        timing["wall_seconds"] += max(0.0, log.stat().st_mtime - since) if log.exists() else 0.0
+        timing["attempts"] += 1
+    return timing
+
+
 def run_one(entry, status, args):
     """Train one experiment through its script's command line; returns its exit status."""
     keys = command_keys(entry, args)
@@ -143,19 +160,20 @@ def run_one(entry, status, args):
     logs = args.outputs / LOG_DIR
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{entry['name']}.log"
+    timing_path = logs / f"{entry['name']}.json"
+    timing = recorded_timing(logs, entry["name"]) or {"wall_seconds": 0.0, "attempts": 0}
+    # The processor too: a rerun on another one trains to other numbers (float rounding differs).
+    timing["machines"] = sorted({*timing.get("machines", []),
+                                 describe_machine(choose_device(resolved_config(entry, args)["device"]))})
+    write_json(timing_path, {**timing, "running_since": time.time()})
     started = time.perf_counter()
     with open(log, "a") as f:
         f.write(f"$ {' '.join(command)}\n")
         f.flush()
         done = subprocess.run(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - started
-    # Wall time over every attempt, so a resumed experiment's total includes its interrupted runs.
-    timing_path = logs / f"{entry['name']}.json"
-    timing = json.loads(timing_path.read_text()) if timing_path.exists() else {"wall_seconds": 0.0, "attempts": 0}
-    # The processor too: a rerun on another one trains to other numbers (float rounding differs).
-    machines = sorted({*timing.get("machines", []), describe_machine(choose_device(resolved_config(entry, args)["device"]))})
-    write_json(timing_path, {"wall_seconds": timing["wall_seconds"] + seconds, "attempts": timing["attempts"] + 1,
-                             "machines": machines})
+    write_json(timing_path, {**timing, "wall_seconds": timing["wall_seconds"] + seconds,
+                             "attempts": timing["attempts"] + 1})
     if done.returncode:
         tail = log.read_text().splitlines()[-LOG_TAIL:]
         print("\n".join(tail), file=sys.stderr)
@@ -168,7 +186,7 @@ def finish(entry, args):
     """FID of an autoencoder's reconstructions (cached), then its small files into the results."""
     timing_path = args.outputs / LOG_DIR / f"{entry['name']}.json"
     # An experiment trained outside this command has no wall time of ours.
-    timing = json.loads(timing_path.read_text()) if timing_path.exists() else {"wall_seconds": None, "attempts": 0}
+    timing = recorded_timing(args.outputs / LOG_DIR, entry["name"]) or {"wall_seconds": None, "attempts": 0}
     if entry["group"] != "downstream" and not args.no_fid:
         cached = (args.outputs / entry["name"] / "fid.json").exists()
         started = time.perf_counter()

@@ -110,6 +110,17 @@ AUTOENCODER_HEADER = ("configuration", "seeds", "bits/sprite", "epochs", "test M
                       "palette-exact pixels", "palette colours (bits)", "codes used", "FID", "wall seconds")
 
 
+def untimed(run):
+    """Whether `run`'s recorded wall time misses attempts: less than its training alone. Attempts
+    killed before utils.reproduce timed them in progress were never recorded."""
+    train = (run["metrics"] or {}).get("train_seconds")
+    return run["wall_seconds"] is not None and train is not None and run["wall_seconds"] < train
+
+
+def wall_of(run):
+    return None if untimed(run) else run["wall_seconds"]
+
+
 def autoencoder_rows(configs):
     rows = []
     for config, runs in configs.items():
@@ -123,7 +134,7 @@ def autoencoder_rows(configs):
                      _cell([m["sprite_exact_pixel_rate"] for m in metrics], 1, 100, "%"),
                      _cell([m["palette_exact_pixel_rate"] for m in metrics], 1, 100, "%"),
                      f"{palette} ({palette_bits})", _cell([m.get("codes_used") for m in metrics], 0),
-                     _cell([fid_of(r) for r in runs], 2), _cell([r["wall_seconds"] for r in runs], 0)])
+                     _cell([fid_of(r) for r in runs], 2), _cell([wall_of(r) for r in runs], 0)])
     return rows
 
 
@@ -141,7 +152,7 @@ def prior_rows(configs):
                      "-" if m["fid"] is None else f"{m['fid']:.1f} ({m['fid_dims']}-d, vs {m['fid_reference']})",
                      f"{m['nearest_mse_mean']:.5f}",
                      f"{100 * m['duplicate_share']:.1f}% / {100 * m['code_duplicate_share']:.1f}%",
-                     _cell([r["wall_seconds"] for r in runs], 0)])
+                     _cell([wall_of(r) for r in runs], 0)])
     return rows
 
 
@@ -154,6 +165,8 @@ def time_rows(results):
     for r in results:
         m = r["metrics"] or {}
         wall = "-" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f} ({r['attempts']})"
+        if untimed(r):
+            wall += " and earlier attempts untimed"
         rows.append([r["name"], r["group"], str(r["seed"]), str(m.get("epochs", "unfinished")),
                      f"{m['train_seconds']:.0f}" if "train_seconds" in m else "-", wall,
                      f"{r['fid_seconds']:.0f}" if r.get("fid_seconds") is not None else "-",
@@ -170,6 +183,10 @@ def caption(results):
             f"{', '.join(map(str, seeds))}; {len(results)} experiments, {sum(walls) / 3600:.2f} h of wall time in all, training and FID")
     if estimates:
         text += f" (estimated beforehand: {sum(estimates) / 60:.1f} h on an idle 2-core CPU)"
+    missing = sum(map(untimed, results))
+    if missing:
+        text += (f"; {missing} experiment(s) also ran attempts cut off before they could be timed, which that "
+                 "total misses")
     dims = sorted({r["fid_dims"] for r in results})
     return (text + f". Mean ± sample sd over seeds where there are several. FID of the test "
             f"reconstructions (of a prior's samples) against the test split, pytorch-fid's bilinear resize, "
