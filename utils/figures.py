@@ -3,12 +3,15 @@
 Sprites are enlarged by repeating pixels (utils.plots.upscale_nearest) and drawn without
 interpolation, so every pixel of a reconstruction is shown as it is.
 """
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
 from utils.plots import _save_figure, image_grid, upscale_nearest
 
 SPRITE_PIXELS_SHOWN = 128  # each sprite enlarged to about this many screen pixels a side
+COLOURS = matplotlib.colormaps["tab20"]
+MARKERS = {"paper": "o", "ablation": "s", "exact": "^"}  # by the group a point's label begins with
 
 
 def reconstruction_figure(rows, path):
@@ -25,7 +28,7 @@ def reconstruction_figure(rows, path):
     step = (height + 1) * factor
     ax.set_yticks([factor + step * i + height * factor / 2 for i in range(len(labels))], labels)
     ax.set_xticks([])
-    _save_figure(fig, path)
+    _save_figure(fig, path, crop=True)
 
 
 def rate_figure(points, path):
@@ -35,16 +38,20 @@ def rate_figure(points, path):
     points = [p for p in points if p[1] is not None and p[2][0] is not None]
     if not points:
         return False
-    fig = Figure(figsize=(11, 4.2))
+    # A legend, not labels beside the points: configurations of one rate sit on top of each other.
+    colours = [COLOURS(i % COLOURS.N) for i in range(len(points))]
+    fig = Figure(figsize=(11, 4.2 + 0.17 * ((len(points) + 1) // 2)), layout="constrained")
     for panel, (title, index, scale) in enumerate((("sprite pixels exact (%)", 2, 100), ("SSIM", 3, 1))):
         ax = fig.add_subplot(1, 2, panel + 1)
-        for label, bits, *values in points:
+        for (label, bits, *values), colour in zip(points, colours):
             mean, sd = values[index - 2]
-            ax.errorbar([bits], [mean * scale], yerr=[(sd or 0) * scale], fmt="o", capsize=4)
-            ax.annotate(label, (bits, mean * scale), textcoords="offset points", xytext=(5, 4), fontsize=7)
+            ax.errorbar([bits], [mean * scale], yerr=[(sd or 0) * scale], fmt=MARKERS.get(label.split(":")[0], "o"),
+                        color=colour, capsize=4, label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("bits per sprite (grid cells x log2 codebook size)")
         ax.set_title(title)
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8)
     _save_figure(fig, path)
     return True
 

@@ -98,10 +98,13 @@ def _plot_splits(ax, columns, term):
     ax.legend()
 
 
-def _save_figure(fig, path):
-    fig.tight_layout()
+def _save_figure(fig, path, crop=False):
+    """`crop`: save the figure's drawn extent rather than its set size, so that what reaches past
+    its edge (long labels beside a fixed-aspect image) is kept."""
+    if fig.get_layout_engine() is None:  # one that lays out a legend outside the axes keeps its own
+        fig.tight_layout()
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight" if crop else None)
 
 
 def _new_figure(panels):
