@@ -9,6 +9,9 @@
    each code of a test image is credited with its commonest colour there: the sprite-exact share
    that such codes keep at best (for these cells; a learnt encoder draws other cells, but any
    colour-only code meets the same limit of colours closer than its cells).
+0. One colour everywhere. Every sprite pixel drawn in the split's commonest sprite colour (on these
+   sprites, the black of the outlines): the share exact that needs no code at all, the floor below
+   which a sprite-exact figure says nothing.
 2. A lossless coder. The bits of each test image as an optimised indexed PNG and as lossless WebP
    (headers and palette included), the smaller of the two, beside the issue's 16x16 budget
    (twice 256 codes x 10 bits) and a fixed-rate 16x16 grid of 1024 codes with its palette.
@@ -43,6 +46,12 @@ def training_pixels(train, count, rng):
     pixels = train.images[train.masks]
     chosen = rng.choice(len(pixels), min(count, len(pixels)), replace=False)
     return torch.from_numpy(pixels[chosen].astype(np.float32) / 255)
+
+
+def commonest_colour(test):
+    """(the commonest colour of the split's sprite pixels as 0xRRGGBB, its share of them)."""
+    colours, counts = np.unique(colour_keys(test.images[test.masks]), return_counts=True)
+    return int(colours[counts.argmax()]), counts.max() / counts.sum()
 
 
 def colour_code_bound(test, centroids):
@@ -89,6 +98,8 @@ def main(argv):
     rng = np.random.default_rng(cfg["seed"])
     torch.manual_seed(cfg["seed"])
     print(f"{len(test)} test images of {folder}")
+    colour, share = commonest_colour(test)
+    print(f"one colour everywhere: {100 * share:.1f}% of sprite pixels are #{colour:06x}, the commonest")
     train = load_split(folder, "train")
     sample = training_pixels(train, cfg["sample_pixels"], rng)
     for k in (int(part) for part in str(cfg["codes"]).split(",")):

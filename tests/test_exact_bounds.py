@@ -28,3 +28,13 @@ def test_lossless_bits_hold_an_exact_copy_and_a_plain_image_costs_little():
     noisy = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)  # 4,096 colours: WebP only
     assert exact_bounds.lossless_bits(plain) < 64 * 8
     assert 64 * 64 * 24 * 0.9 < exact_bounds.lossless_bits(noisy) < 64 * 64 * 24 * 1.1
+
+
+def test_the_one_colour_floor_counts_sprite_pixels_only():
+    images = np.zeros((2, 2, 2, 3), np.uint8)
+    images[0, 0, 0] = [9, 9, 9]
+    images[:, 1] = 255  # white background, the commonest colour overall, left out by the masks
+    masks = np.zeros((2, 2, 2), bool)
+    masks[:, 0] = True
+    colour, share = exact_bounds.commonest_colour(SpriteSet(images, masks, ["a", "b"]))
+    assert colour == 0 and share == 3 / 4
