@@ -9,21 +9,23 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, files, refusal
+from tests.sprites import write_species_folders
 from utils import plan as planned
+from utils.data import PrepareOptions, load_split, prepare
 from utils.device import describe_machine
 from utils.io import write_json
 from utils.metrics import bits_per_sprite
 from utils.reproduce import main, script_defaults
-from utils.results import RUN_FILE, SHOWN_DIR, TEST_SPRITES
+from utils.results import OOD_FILE, RUN_FILE, SHOWN_DIR, TEST_SPRITES
 
 FID_DIMS = 64  # the random-weights network's smallest features: a real FID, cheap on tiny images
 
 
 def reproduce(folders, *extra):
-    outputs, results, data, weights = folders
+    outputs, results, data, weights, ood = folders
     return subprocess.run([sys.executable, "-m", "utils.reproduce", "--budget=smoke", "--seeds=42",
                            f"--dataset={data}", f"--outputs={outputs}", f"--results={results}",
-                           f"--fid-weights={weights}", f"--fid-dims={FID_DIMS}", *extra],
+                           f"--fid-weights={weights}", f"--fid-dims={FID_DIMS}", f"--ood={ood}", *extra],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
@@ -31,7 +33,11 @@ def reproduce(folders, *extra):
 def smoke(tmp_path_factory, tiny_data, random_weights):
     """The whole smoke plan run once; (folders, the finished run, its seconds)."""
     root = tmp_path_factory.mktemp("reproduce")
-    folders = (root / "outputs", root / "results", tiny_data, random_weights)
+    # Sprites of other species, drawn by another seed: the plan's out-of-domain set, never trained on.
+    write_species_folders(root / "ood_src", species=10, per_species=2, seed=7)
+    prepare(root / "ood_src", root / "ood", PrepareOptions(image_size=16, rotations=(15,)), log=lambda _: None,
+            workers=1)
+    folders = (root / "outputs", root / "results", tiny_data, random_weights, root / "ood")
     started = time.perf_counter()
     done = reproduce(folders)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
@@ -94,8 +100,9 @@ def test_cpu_and_paper_budgets_keep_one_budget_per_group_and_draw_1000_samples()
 
 
 def test_smoke_runs_every_experiment_and_writes_results_md_with_each(smoke):
-    (outputs, results, _, _), done, _ = smoke
+    (outputs, results, *_, ood), done, _ = smoke
     table = (results / "results.md").read_text()
+    ood_images = load_split(ood, "test").images
     for entry in smoke_plan():
         name = entry["name"]
         metrics = json.loads((outputs / name / "metrics.json").read_text())
@@ -120,6 +127,12 @@ def test_smoke_runs_every_experiment_and_writes_results_md_with_each(smoke):
             assert metrics["foreign_colour_rate"] == 0.0
         else:
             assert metrics["bits_per_sprite"] == codes
+        # Scored on the other species too, with the bits that set's own palettes cost.
+        scores = json.loads((results / name / OOD_FILE).read_text())
+        assert scores == json.loads((outputs / name / OOD_FILE).read_text())
+        assert scores["set"] == "ood" and scores["images"] == len(ood_images)
+        assert scores["bits_per_sprite"] == bits_per_sprite(config, ood_images)
+        assert f"{100 * scores['sprite_exact_pixel_rate']:.1f}%" in table
         fid = json.loads((results / name / "fid.json").read_text())[f"bilinear-{FID_DIMS}"]["fid"]
         assert json.loads((results / name / "reproduce.json").read_text())["fid_seconds"] > 0
         assert f"{fid:.2f}" in table
@@ -128,6 +141,7 @@ def test_smoke_runs_every_experiment_and_writes_results_md_with_each(smoke):
     for figure in ("reconstructions.png", "rate_exactness.png", "ablation.png"):
         assert (results / figure).stat().st_size > 0 and f"]({figure})" in table
     assert "Budget: **smoke**" in table and "seeds 42;" in table
+    assert f"## Out of domain: the {len(ood_images):,} test images of `ood`" in table
 
 
 def test_second_invocation_skips_everything_and_rebuilds_the_same_tables(smoke):
@@ -143,7 +157,7 @@ def test_second_invocation_skips_everything_and_rebuilds_the_same_tables(smoke):
 
 
 def test_tables_only_rebuilds_results_md_from_the_results_folder_alone(smoke, tmp_path):
-    (_, results, _, _), _, _ = smoke
+    (_, results, *_), _, _ = smoke
     copy = tmp_path / "results"
     subprocess.run(["cp", "-r", str(results), str(copy)], check=True)
     (copy / "results.md").unlink()
@@ -154,7 +168,7 @@ def test_tables_only_rebuilds_results_md_from_the_results_folder_alone(smoke, tm
 
 
 def test_a_wall_time_shorter_than_the_training_is_shown_as_missing_attempts(smoke, tmp_path):
-    (_, results, _, _), _, _ = smoke
+    (_, results, *_), _, _ = smoke
     copy = tmp_path / "results"
     subprocess.run(["cp", "-r", str(results), str(copy)], check=True)
     # What a run resumed from an attempt that no one timed looks like once published.
@@ -215,10 +229,10 @@ def test_a_folder_whose_config_differs_from_the_plan_is_refused_and_left_alone(s
 
 
 def test_a_new_machine_skips_what_is_published_and_retrains_what_an_unfinished_prior_needs(smoke, tmp_path):
-    (_, results, data, weights), _, _ = smoke
+    (_, results, data, weights, ood), _, _ = smoke
     copy = tmp_path / "results"
     subprocess.run(["cp", "-r", str(results), str(copy)], check=True)
-    folders = (tmp_path / "outputs", copy, data, weights)
+    folders = (tmp_path / "outputs", copy, data, weights, ood)
     done = reproduce(folders, "--dry-run")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count(": published") == len(smoke_plan())
@@ -231,12 +245,12 @@ def test_a_new_machine_skips_what_is_published_and_retrains_what_an_unfinished_p
 
 
 def test_a_published_experiment_whose_config_differs_from_the_plan_is_refused(smoke, tmp_path):
-    (_, results, data, weights), _, _ = smoke
+    (_, results, data, weights, ood), _, _ = smoke
     copy = tmp_path / "results"
     subprocess.run(["cp", "-r", str(results), str(copy)], check=True)
     config_path = copy / "paper_vae_s42" / "config.json"
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "latent_dim": 3}))
-    line = refusal(reproduce((tmp_path / "outputs", copy, data, weights), "--dry-run"))
+    line = refusal(reproduce((tmp_path / "outputs", copy, data, weights, ood), "--dry-run"))
     assert line.startswith("error:") and "published" in line and "latent_dim (folder 3, plan 8)" in line
 
 
@@ -253,3 +267,10 @@ def test_an_unknown_group_is_refused_in_one_line(tmp_path, capsys):
     assert main(["--only=ablations", "--dry-run", f"--outputs={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "ablations" in err[0]
+
+
+def test_an_out_of_domain_folder_that_is_not_prepared_is_refused_in_one_line(tmp_path, capsys):
+    assert main(["--dry-run", f"--outputs={tmp_path}", f"--ood={tmp_path / 'sprites'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --ood") and "not a prepared set" in err[0]
+    assert not any(tmp_path.iterdir())

@@ -24,7 +24,7 @@ from utils.device import choose_device
 from utils.errors import UserError, exit_on_user_error
 from utils.images import from_batch, to_batch
 from utils.io import write_json
-from utils.metrics import image_metrics
+from utils.metrics import bits_per_sprite, image_metrics
 from utils.plots import save_png
 from utils.train import ROOT, load_model
 
@@ -78,6 +78,16 @@ def reconstruct(model, images, device):
         for start in range(0, len(images), BATCH):
             outputs.append(from_batch(model(to_batch(images[start:start + BATCH], device)).reconstruction))
     return np.concatenate(outputs)
+
+
+def score_prepared_set(experiment, prepared, device):
+    """Every metric of `experiment`'s reconstructions of a prepared set's test split, with the bits
+    per sprite that set costs (a palette model's palettes are that set's own)."""
+    model, _, config = load_model(Path(experiment), device)
+    names, images, masks = read_prepared_test_split(prepared, config["image_size"])
+    rebuilt = reconstruct(model, images, device)
+    return {"set": Path(prepared).name, "images": len(names), **image_metrics(images, rebuilt, masks),
+            "bits_per_sprite": bits_per_sprite(config, images)}
 
 
 def main(argv=None):

@@ -10,9 +10,11 @@ OUTPUTS/<experiment>/ and its log in OUTPUTS/.reproduce/<experiment>.log. A fini
 (metrics.json, and a config.json equal to the plan's) is skipped, as is one published in RESULTS
 by another machine, unless a prior still to run needs its weights; an unfinished one is resumed; a
 folder whose config differs from the plan is refused before anything runs, and never overwritten.
-As each autoencoder ends, the FID of its test reconstructions is computed (utils.report) and its
-small files are copied into RESULTS/<experiment>/ (never weights or reconstructions), from which
-RESULTS/results.md and its figures are written at the end.
+As each autoencoder ends, the FID of its test reconstructions is computed (utils.report), it is
+scored on the test split of an out-of-domain set never trained on (--ood, the Angband tiles once
+prepared: python -m utils.data prepare --set angband), and its small files are copied into
+RESULTS/<experiment>/ (never weights or reconstructions), from which RESULTS/results.md and its
+figures are written at the end.
 """
 import argparse
 import functools
@@ -29,8 +31,9 @@ from utils.device import choose_device, describe_machine
 from utils.errors import UserError
 from utils.fid_weights import resolve_fid_weights
 from utils.io import write_json
+from utils.reconstruct import score_prepared_set
 from utils.report import DEFAULT_FID, load_experiments, update_fids
-from utils.results import RUN_FILE, publish, write_results
+from utils.results import OOD_FILE, RUN_FILE, publish, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = ".reproduce"  # a dot folder: utils.report and the scripts' folder checks pass it by
@@ -39,6 +42,7 @@ LOG_TAIL = 20
 RUN_KEYS = ("resume", "overwrite")
 # Where this machine keeps outputs and weights: another machine's published run differs only there.
 PLACE_KEYS = ("output_dir", "fid_weights")
+DEFAULT_OOD = ROOT / "data" / "angband"
 
 
 @functools.cache
@@ -182,11 +186,31 @@ def run_one(entry, status, args):
     return done.returncode
 
 
+def score_out_of_domain(entry, args):
+    """The autoencoder's scores on the out-of-domain test split, kept in its folder (cached per set)."""
+    path = args.outputs / entry["name"] / OOD_FILE
+    if path.is_file() and json.loads(path.read_text()).get("set") == args.ood.name:
+        return
+    device = choose_device(resolved_config(entry, args)["device"])
+    try:
+        scores = score_prepared_set(args.outputs / entry["name"], args.ood, device)
+    except UserError as err:
+        # The run itself is sound: publish it, unscored out of domain, and say why.
+        print(f"warning: {entry['name']} is not scored on {args.ood}: {err}", file=sys.stderr)
+        return
+    write_json(path, scores)
+    print(f"    {args.ood.name}: {100 * scores['sprite_exact_pixel_rate']:.1f}% of sprite pixels exact, "
+          f"SSIM {scores['ssim']:.3f}", flush=True)
+
+
 def finish(entry, args):
-    """FID of an autoencoder's reconstructions (cached), then its small files into the results."""
+    """FID of an autoencoder's reconstructions (cached) and its out-of-domain scores, then its small
+    files into the results."""
     timing_path = args.outputs / LOG_DIR / f"{entry['name']}.json"
     # An experiment trained outside this command has no wall time of ours.
     timing = recorded_timing(args.outputs / LOG_DIR, entry["name"]) or {"wall_seconds": None, "attempts": 0}
+    if entry["group"] != "downstream" and args.ood is not None:
+        score_out_of_domain(entry, args)
     if entry["group"] != "downstream" and not args.no_fid:
         cached = (args.outputs / entry["name"] / "fid.json").exists()
         started = time.perf_counter()
@@ -224,8 +248,13 @@ def parse_args(argv):
     parser.add_argument("--fid-dims", type=int, default=DEFAULT_FID[1], choices=(64, 192, 768, 2048))
     parser.add_argument("--no-fid", action="store_true",
                         help="compute no FID of reconstructions (a prior still scores its samples, as its script does)")
+    parser.add_argument("--ood", type=Path, default=DEFAULT_OOD, metavar="FOLDER",
+                        help="a prepared set never trained on, whose test split scores every autoencoder "
+                             "(default: data/angband, where prepared)")
+    parser.add_argument("--no-ood", action="store_true", help="score no autoencoder out of domain")
     args = parser.parse_args(argv)
     args.outputs, args.results = args.outputs.resolve(), args.results.resolve()
+    args.ood = None if args.no_ood else args.ood.resolve()
     if args.dataset != "pokemon":
         args.dataset = str(Path(args.dataset).resolve())
     try:
@@ -245,6 +274,13 @@ def reproduce(args):
         return 0
     if args.fid_weights is not None:
         resolve_fid_weights(args.fid_weights)
+    if args.ood is not None and not (args.ood / "manifest.json").is_file():
+        if args.ood != DEFAULT_OOD:
+            raise UserError(f"--ood {args.ood} is not a prepared set (no manifest.json); prepare it with "
+                            "python -m utils.data prepare, or leave --ood out")
+        print(f"{args.ood} is not prepared (python -m utils.data prepare --set angband): no autoencoder is "
+              "scored out of domain")
+        args.ood = None
     entries = selected(planned.plan(args.budget, args.seeds, script_defaults), args.only)
     states = plan_states(entries, args)
     total = sum(e["estimate_minutes"] or 0 for e in entries if states[e["name"]] not in ("done", "published"))

@@ -15,7 +15,8 @@ from utils.metrics import load_rgb
 from utils.report import reference_dir
 
 RUN_FILE = "reproduce.json"  # the plan's entry, the budget and the wall time
-SMALL_FILES = ("config.json", "metrics.json", "history.json", "fid.json", "fusions/overview.png",
+OOD_FILE = "ood_metrics.json"  # scores on the test split of a set never trained on
+SMALL_FILES = ("config.json", "metrics.json", "history.json", "fid.json", OOD_FILE, "fusions/overview.png",
                "samples/nearest.json")
 SHOWN_SPRITES = 8
 SHOWN_DIR = "shown"  # the reconstructions of the sprites every model is shown on
@@ -64,7 +65,8 @@ def load_results(results_dir):
         run = _read(folder / RUN_FILE)
         if run is not None:
             found.append({**run, "path": folder, "metrics": _read(folder / "metrics.json"),
-                          "config_json": _read(folder / "config.json") or {}, "fid": _read(folder / "fid.json") or {}})
+                          "config_json": _read(folder / "config.json") or {}, "fid": _read(folder / "fid.json") or {},
+                          "ood": _read(folder / OOD_FILE)})
     return sorted(found, key=lambda r: r["order"])
 
 
@@ -136,6 +138,34 @@ def autoencoder_rows(configs):
                      f"{palette} ({palette_bits})", _cell([m.get("codes_used") for m in metrics], 0),
                      _cell([fid_of(r) for r in runs], 2), _cell([wall_of(r) for r in runs], 0)])
     return rows
+
+
+OOD_HEADER = ("configuration", "seeds", "bits/sprite", "SSIM", "exact pixels", "sprite exact pixels",
+              "palette-exact pixels", "output colours (input)", "foreign colours")
+
+
+def ood_tables(results):
+    """{set: rows} of the autoencoders scored out of domain, one row a configuration over its seeds."""
+    sets = {}
+    for r in results:
+        if r["ood"] is not None:
+            sets.setdefault(r["ood"]["set"], {}).setdefault((r["group"], r["config"]), []).append(r)
+    tables = {}
+    for name, configs in sets.items():
+        rows = []
+        for (_, config), runs in configs.items():
+            scores = [r["ood"] for r in runs]
+            bits = [s["bits_per_sprite"] for s in scores]
+            rows.append([f"{runs[0]['group']}: {runs[0]['label']} (`{config}`)", ",".join(str(r["seed"]) for r in runs),
+                         "-" if None in bits else _cell(bits, 0), _cell([s["ssim"] for s in scores], 4),
+                         _cell([s["exact_pixel_rate"] for s in scores], 1, 100, "%"),
+                         _cell([s["sprite_exact_pixel_rate"] for s in scores], 1, 100, "%"),
+                         _cell([s["palette_exact_pixel_rate"] for s in scores], 1, 100, "%"),
+                         f"{_cell([s['output_colours'] for s in scores], 1)} "
+                         f"({_cell([s['input_colours'] for s in scores], 1)})",
+                         _cell([s["foreign_colour_rate"] for s in scores], 1, 100, "%")])
+        tables[name] = (next(iter(configs.values()))[0]["ood"]["images"], rows)
+    return tables
 
 
 PRIOR_HEADER = ("prior", "epochs", "val bits/code", "test bits/code", "uniform bits/code", "samples", "FID of samples",
@@ -215,6 +245,9 @@ def write_results(results_dir):
     if exact:
         parts += ["## Beyond the paper: codes that keep pixel art exact (bits per sprite count the palette)",
                   _markdown(AUTOENCODER_HEADER, autoencoder_rows(exact))]
+    for name, (images, rows) in ood_tables(results).items():
+        parts += [f"## Out of domain: the {images:,} test images of `{name}`, never trained on (bits per sprite "
+                  "count that set's palettes)", _markdown(OOD_HEADER, rows)]
     if priors:
         parts += ["## Downstream: the same PixelCNN prior over each model's codes",
                   _markdown(PRIOR_HEADER, prior_rows(priors))]
