@@ -38,3 +38,11 @@ def test_the_one_colour_floor_counts_sprite_pixels_only():
     masks[:, 0] = True
     colour, share = exact_bounds.commonest_colour(SpriteSet(images, masks, ["a", "b"]))
     assert colour == 0 and share == 3 / 4
+
+
+def test_indexed_colour_costs_a_palette_index_a_pixel_and_the_palette():
+    images = np.zeros((3, 4, 4, 3), np.uint8)
+    images[1, 0, :3] = [[1, 0, 0], [2, 0, 0], [3, 0, 0]]  # four colours: 2 bits a pixel
+    images[2, 0, 0] = 9  # two colours: 1 bit a pixel
+    bits = exact_bounds.indexed_bits(images)
+    assert bits.tolist() == [24, 16 * 2 + 4 * 24, 16 * 1 + 2 * 24]
