@@ -145,7 +145,8 @@ OOD_HEADER = ("configuration", "seeds", "bits/sprite", "SSIM", "exact pixels", "
 
 
 def ood_tables(results):
-    """{set: rows} of the autoencoders scored out of domain, one row a configuration over its seeds."""
+    """{set: (its test images, rows)} of the autoencoders scored out of domain, one row a
+    configuration over its seeds."""
     sets = {}
     for r in results:
         if r["ood"] is not None:
@@ -153,18 +154,18 @@ def ood_tables(results):
     tables = {}
     for name, configs in sets.items():
         rows = []
-        for (_, config), runs in configs.items():
+        for runs in configs.values():
             scores = [r["ood"] for r in runs]
-            bits = [s["bits_per_sprite"] for s in scores]
-            rows.append([f"{runs[0]['group']}: {runs[0]['label']} (`{config}`)", ",".join(str(r["seed"]) for r in runs),
-                         "-" if None in bits else _cell(bits, 0), _cell([s["ssim"] for s in scores], 4),
+            rows.append([f"{runs[0]['group']}: {runs[0]['label']} (`{runs[0]['config']}`)",
+                         ",".join(str(r["seed"]) for r in runs),
+                         _cell([s["bits_per_sprite"] for s in scores], 0), _cell([s["ssim"] for s in scores], 4),
                          _cell([s["exact_pixel_rate"] for s in scores], 1, 100, "%"),
                          _cell([s["sprite_exact_pixel_rate"] for s in scores], 1, 100, "%"),
                          _cell([s["palette_exact_pixel_rate"] for s in scores], 1, 100, "%"),
                          f"{_cell([s['output_colours'] for s in scores], 1)} "
                          f"({_cell([s['input_colours'] for s in scores], 1)})",
                          _cell([s["foreign_colour_rate"] for s in scores], 1, 100, "%")])
-        tables[name] = (next(iter(configs.values()))[0]["ood"]["images"], rows)
+        tables[name] = (scores[0]["images"], rows)
     return tables
 
 
