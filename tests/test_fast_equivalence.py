@@ -5,14 +5,21 @@ Float32 sums in another order differ in their last bits, and a few steps of trai
 on. The tolerance: after a seeded run, every loss, weight, codebook and BatchNorm statistic of the
 fast run lies no further from the same run of the reference model in float64 than
 FLOAT32_FACTOR times the reference's own float32 run does, or within FLOOR of the tensor's
-largest value. A wrong term (a missing count, a skipped gradient) moves them by 1e-3 to 1."""
+largest value. A wrong term (a missing count, a skipped gradient) moves them by 1e-3 to 1.
+
+These checks are what models/fast/fingerprints.json records: with PIXEL_VQVAE_REFRESH_FAST_FINGERPRINTS=1
+the last test runs every one of them again and, when all pass, writes the fingerprints of the code
+they passed on (models/fast/mirrors.py); without it, that test fails while the code differs from
+the fingerprints, as the guard then keeps the fast path off."""
 import copy
+import json
+import os
 
 import pytest
 import torch
 
 from models import VQVAE
-from models.fast import accelerate
+from models.fast import accelerate, mirrors
 from models.fast import batchnorm as fast_batchnorm
 from models.fast import kernels
 from models.fast.distinct import distinct_blocks
@@ -31,6 +38,13 @@ def assert_as_close_as_float32_allows(fast, reference32, reference64, name):
     assert fast_gap <= allowed, f"{name}: {fast_gap:.3g} from float64, allowed {allowed:.3g}"
 
 
+@pytest.fixture(autouse=True)
+def fast_path_on_the_code_as_it_is(monkeypatch):
+    """The fast path against the code of models/ as it is now, whatever fingerprints.json says:
+    these checks passing is what lets it be refreshed."""
+    monkeypatch.setattr(mirrors, "checked", mirrors.current)
+
+
 @pytest.fixture
 def kernels_at_any_size(monkeypatch):
     """The BatchNorm + ReLU kernel on these tiny batches too (its size bounds are speed, not
@@ -41,6 +55,10 @@ def kernels_at_any_size(monkeypatch):
 
 @pytest.mark.parametrize("name", sorted(CONFIGURATIONS))
 def test_a_seeded_run_on_the_fast_path_trains_as_the_reference_model_does(name, kernels_at_any_size):
+    check_training(name, kernels_at_any_size)
+
+
+def check_training(name, fused_calls):
     reference = tiny_model(name)
     fast = accelerate(copy.deepcopy(reference), "cpu")
     x = palette_batch()
@@ -61,11 +79,18 @@ def test_a_seeded_run_on_the_fast_path_trains_as_the_reference_model_does(name, 
         assert fast.encoder.pointwise and distinct_blocks(x, 2 ** fast.num_layers) is not None
         assert fast._worth_running_distinct_blocks(x) and fast.decode_by_code
     if name in ("vqvae", "vae") and kernels.available():
-        assert kernels_at_any_size
+        assert fused_calls
 
 
-@pytest.mark.parametrize("name", ["pixel_vqvae", "pixel_vqvae_16x16", "vqvae"])
+EVALUATED = ["pixel_vqvae", "pixel_vqvae_16x16", "vqvae"]
+
+
+@pytest.mark.parametrize("name", EVALUATED)
 def test_evaluation_on_the_fast_path_gives_the_reference_codes_and_images(name):
+    check_evaluation(name)
+
+
+def check_evaluation(name):
     reference = tiny_model(name)
     x = palette_batch()
     seeded_run(reference, x, steps=1)
@@ -80,6 +105,10 @@ def test_evaluation_on_the_fast_path_gives_the_reference_codes_and_images(name):
 
 
 def test_the_per_pixel_model_under_bfloat16_stays_close_to_the_reference():
+    check_bfloat16()
+
+
+def check_bfloat16():
     # Without k-means, whose seeding is a draw that bfloat16 latents change.
     torch.manual_seed(0)
     reference = VQVAE(0, 16, 8, adapter_layer=True, pixelsight_filters=64).to(memory_format=torch.channels_last)
@@ -90,3 +119,20 @@ def test_the_per_pixel_model_under_bfloat16_stays_close_to_the_reference():
     assert output.reconstruction.dtype == torch.float32
     assert torch.equal(output.indices, expected.indices)
     assert_close_to_scale(output.reconstruction, expected.reconstruction, 2e-2)
+
+
+def test_the_fingerprints_are_those_of_the_code_these_checks_pass_on(kernels_at_any_size):
+    if os.environ.get(mirrors.REFRESH_VARIABLE) == "1":
+        # Every check again, in this test: a refresh must not follow a run that left some out (-k).
+        for name in sorted(CONFIGURATIONS):
+            kernels_at_any_size.clear()
+            check_training(name, kernels_at_any_size)
+        for name in EVALUATED:
+            check_evaluation(name)
+        check_bfloat16()
+        mirrors.FINGERPRINTS.write_text(json.dumps(mirrors.current(), indent=2) + "\n")
+    committed = json.loads(mirrors.FINGERPRINTS.read_text())
+    stale = sorted(name for name, value in mirrors.current().items() if committed.get(name) != value)
+    assert committed.keys() == mirrors.current().keys() and not stale, (
+        f"{', '.join(stale) or 'the list of mirrored methods'} changed since the fast path was checked "
+        f"against it: update its twin in models/fast if it no longer computes the same, then `{mirrors.REFRESH}`")

@@ -3,9 +3,10 @@
 Its shortcuts rest on the layers being what the models of models/ build: each latent of a VQ-VAE
 sees one 2^n x 2^n block alone (so distinct blocks can run once), the decoder is convolutions,
 BatchNorm and ReLU ending in the stretched sigmoid (whose backward models/fast/codes.py writes out),
-and the quantiser's output is its code (so the decoder can run once per code). A model with any
-other module, a subclass included, or a hook that the fused paths would skip, trains on its own
-forward instead (`accelerate`).
+and the quantiser's output is its code (so the decoder can run once per code). And its twins
+compute what the methods of models/ did when they were checked against them (mirrors.py). A model
+with any other module, a subclass included, a hook or a method set on a module that the fused paths
+would skip, or a mirrored method changed since, trains on its own forward instead (`accelerate`).
 """
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from ..encoder import Encoder
 from ..quantizer import VectorQuantizerEMA
 from ..vae import VAE
 from ..vqvae import VQVAE
+from .mirrors import mirror_problem, overridden
 
 DEVICES = ("cpu", "cuda")
 # Inputs at which the output activation must compute the stretched sigmoid bit for bit.
@@ -57,9 +59,16 @@ def problem(model: nn.Module, device: torch.device) -> str | None:
         return f"device {device} is not one of {', '.join(DEVICES)}"
     if type(model) not in (VQVAE, VAE):
         return f"{type(model).__name__} is not models.VQVAE or models.VAE"
+    found = mirror_problem()
+    if found:
+        return found
     for name, module in model.named_modules():
         if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
             return f"{name or 'the model'} has a hook, which the fused layers would not call"
+        attribute = overridden(module)
+        if attribute:
+            return (f"{name or 'the model'} sets its own {attribute}, in place of the "
+                    f"{type(module).__name__}.{attribute} that the fast path mirrors")
     if getattr(model, "palette_head", None) is not None:
         return "palette_head: the fast path decodes colours, not a choice over each sprite's palette"
     children = {"encoder": Encoder, "decoder": Decoder}
