@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 COLOUR_LEVELS = 255
+# A colour of 8 bits per channel: what a palette costs to send beside the codes.
+BITS_PER_COLOUR = 24
 
 
 class Palettes(NamedTuple):

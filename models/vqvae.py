@@ -1,4 +1,6 @@
-"""VQ-VAE and Pixel VQ-VAE: encoder, vector quantiser (EMA, residual or finite scalar), decoder."""
+"""VQ-VAE and Pixel VQ-VAE: encoder, vector quantiser (EMA, residual or finite scalar), decoder, and
+their objective."""
+import math
 from typing import NamedTuple
 
 import torch
@@ -6,7 +8,8 @@ from torch import Tensor, nn
 
 from .decoder import Decoder
 from .encoder import Encoder
-from .palette import PaletteChoice, PaletteHead, Palettes, sprite_palettes
+from .losses import reconstruction_loss, ssim
+from .palette import BITS_PER_COLOUR, PaletteChoice, PaletteHead, Palettes, sprite_palettes
 from .fsq import FiniteScalarQuantizer, parse_levels
 from .quantizer import QuantizerOutput, VectorQuantizerEMA
 from .residual import ResidualVectorQuantizer
@@ -32,8 +35,14 @@ class VQVAE(nn.Module):
     `quantizer` is 'ema' (the paper's), 'residual' (`residual_depth` EMA quantisers in turn) or 'fsq'
     (`fsq_levels` per channel, whose product is `num_embeddings`). `dead_code_sampling` says how the
     EMA codebooks draw the latents that dead codes restart on: 'uniform' or by quantisation 'error'.
+    The objective (`loss_terms`) is the reconstruction's MSE, or with palette_output the palette
+    choice's cross-entropy, plus the commitment loss and, with `use_ssim_loss` (the paper's switch),
+    `ssim_weight` times 1 - SSIM.
     Keyword names are the config keys, so `VQVAE(**model_config)` builds either.
     """
+
+    # Keys that weigh the objective and shape no tensor: a run may resume under other values.
+    objective_keys = ("commitment_cost", "use_ssim_loss", "ssim_weight")
 
     def __init__(self, num_layers: int, num_embeddings: int, embedding_dim: int,
                  commitment_cost: float = 0.25, ema_decay: float = 0.99,
@@ -41,11 +50,12 @@ class VQVAE(nn.Module):
                  kmeans_init: bool = False, dead_code_threshold: float = 0.0,
                  palette_output: bool = False, palette_features: int = 16, quantizer: str = "ema",
                  residual_depth: int = 4, fsq_levels: str = "8,8,4", palette_context: int = 0,
-                 dead_code_sampling: str = "uniform"):
+                 dead_code_sampling: str = "uniform", use_ssim_loss: bool = False, ssim_weight: float = 1.0):
         super().__init__()
         if palette_context and not palette_output:
             raise ValueError("palette_context describes palette entries: it needs palette_output=True")
         self.num_layers, self.pixelsight_filters = num_layers, pixelsight_filters
+        self.use_ssim_loss, self.ssim_weight = use_ssim_loss, ssim_weight
         self.encoder = Encoder(num_layers, embedding_dim, adapter_layer, pixelsight_filters,
                                in_channels + palette_context)
         if quantizer == "ema":
@@ -76,6 +86,28 @@ class VQVAE(nn.Module):
         if image_size % scale:
             raise ValueError(f"image size {image_size} is not a multiple of 2^num_layers = {scale}")
         return image_size // scale
+
+    @property
+    def codes_per_cell(self) -> int:
+        """Codes that name one cell of the grid: one from each level of the residual quantiser."""
+        return self.quantizer.depth if isinstance(self.quantizer, ResidualVectorQuantizer) else 1
+
+    @property
+    def code_histogram_size(self) -> int:
+        """Bins of the code histogram: num_embeddings codes for each of the codes_per_cell codebooks."""
+        return self.codes_per_cell * self.quantizer.num_embeddings
+
+    def bits_per_sprite(self, image_size: int, palette_colours: float | None = None) -> float:
+        """Bits that rebuild one image: grid cells x codes per cell x log2(codebook size) for the
+        codes, plus, for a palette-output model, its palette of `palette_colours` colours
+        (BITS_PER_COLOUR each), the side information its decoder draws with. FSQ's levels multiply
+        to num_embeddings, so its sum of log2(level) per cell is log2(num_embeddings) too."""
+        bits = self.code_grid_size(image_size) ** 2 * self.codes_per_cell * math.log2(self.quantizer.num_embeddings)
+        if self.palette_head is None:
+            return bits
+        if palette_colours is None:
+            raise ValueError("a palette-output model's bits per sprite count its palettes: pass palette_colours")
+        return bits + BITS_PER_COLOUR * palette_colours
 
     def encode_latents(self, x: Tensor, palettes: Palettes | None = None) -> Tensor:
         """Image -> latents before quantisation, z_e. With palette_context the encoder also sees each
@@ -114,3 +146,23 @@ class VQVAE(nn.Module):
         quantized = self.quantize(self.encode_latents(x, palettes))
         choice = PaletteChoice(self.palette_head, self.decoder(quantized.quantized), palettes)
         return VQVAEOutput(choice.chosen_colours(), quantized.loss, quantized.indices, choice)
+
+    def loss_terms(self, x: Tensor, output: VQVAEOutput) -> dict[str, Tensor]:
+        """Each named term of the objective for input x and the model's `output` of it; 'loss' is
+        their weighted sum, what training minimises. Kept on the device: reading them back every
+        step would stall the pipeline."""
+        recon = reconstruction_loss(output.reconstruction, x)
+        terms = {"recon": recon, "vq": output.vq_loss}
+        if output.palette is None:
+            loss = recon + output.vq_loss
+        else:
+            # The chosen colours carry no gradient: the choice is trained by its cross-entropy, and
+            # "recon" stays the MSE of what the model outputs, comparable with the other models'.
+            terms["palette"] = output.palette.cross_entropy()
+            loss = terms["palette"] + output.vq_loss
+        if self.use_ssim_loss:
+            image = output.reconstruction if output.palette is None else output.palette.expected_colours()
+            terms["ssim"] = 1 - ssim(image, x)
+            loss = loss + self.ssim_weight * terms["ssim"]
+        terms["loss"] = loss
+        return terms

@@ -134,8 +134,7 @@ def seeded_run(model, x, steps=3, seed=5, learning_rate=0.1):
             output = model(x, noise=torch.randn(len(x), model.from_latent.in_features).to(x.dtype))
         else:
             output = model(x)
-        extra = output.kl_loss if isinstance(model, VAE) else output.vq_loss
-        loss = (output.reconstruction - x).square().mean() + extra
+        loss = model.loss_terms(x, output)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -13,6 +13,8 @@ import math
 import sys
 from pathlib import Path
 
+from models.quantizer import DEAD_CODE_SAMPLING
+from models.vqvae import QUANTIZERS
 from utils.errors import UserError
 from utils.io import write_json
 
@@ -22,8 +24,6 @@ _NONE_WORDS = {"none", "null"}
 
 
 PRECISIONS = ("fp32", "bf16")
-QUANTIZERS = ("ema", "residual", "fsq")  # models/vqvae.py builds each
-DEAD_CODE_SAMPLING = ("uniform", "error")  # models/quantizer.py draws restarts each way
 FID_DIMS = (64, 192, 768, 2048)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models import build_model, model_defaults, model_keys
+from models import build_model, model_defaults, model_keys, objective_keys
 from models.collectives import all_reduce_sum
 from models.fast import accelerate
 from models.fast.threads import cpu_has_bfloat16
@@ -27,10 +27,8 @@ from utils.data_parallel import (agreed, barrier, batch_shares, data_parallel, e
 from utils.errors import UserError, exit_on_user_error, first_sentence
 from utils.fusions import write_fusions
 from utils.io import TEMP_SUFFIX, atomic_path, exclusive_lock, remove_temp_files, write_json
-from utils.losses import loss_terms
 from utils.images import from_batch, to_batch
-from utils.metrics import (bits_per_sprite, code_histogram_size, codebook_stats, codes_per_cell, colour_counts,
-                           image_metrics)
+from utils.metrics import codebook_stats, colour_counts, image_metrics
 from utils.plots import image_grid, plot_codebook_usage, plot_losses, save_gif, save_png, upscale_nearest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +39,28 @@ EXPERIMENT_MARK = ".experiment"
 COUNT_CHUNK = 4096  # images whose colours are counted at once: a sort of all 48,000 takes GBs
 RESUME_KEYS = ("dataset", "seed")  # besides the architecture, what a resumed run must share
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "config", "model_type", "rng")
+
+
+# The keys every autoencoder script shares, with their defaults: where data and outputs are, and
+# how training runs. A script's config block is its model's keys and `**TRAINING`.
+TRAINING = dict(
+    output_dir="outputs",  # outputs go to <output_dir>/<experiment_name>/
+    dataset="pokemon",  # 'pokemon', a prepared data folder, or a folder or zip of your own sprites
+    image_size=64,
+    batch_size=64,  # per process: torchrun --nproc_per_node=N steps on N * batch_size images
+    sync_batchnorm=True,  # under torchrun, BatchNorm statistics of the global batch, not each process's
+    epochs=25,
+    learning_rate=1e-4,
+    precision="fp32",  # 'bf16': bfloat16 autocast in training steps; weights, quantiser, evaluation stay float32
+    fast="auto",  # models/fast: True, False, or auto = on the CPU, where it was measured faster
+    seed=42,
+    device="auto",  # auto = cuda when present, else cpu
+    max_train_images=0,  # 0 = all; fewer for quick runs
+    resume=False,  # continue from <output_dir>/<experiment_name>/checkpoint.pt
+    overwrite=False,  # replace an existing experiment of the same name
+    num_fusions=8,  # pairs of test sprites mixed in latent space
+    fusion_steps=8,  # images in each interpolation strip
+)
 
 
 class TrainingDiverged(UserError):
@@ -123,8 +143,10 @@ def run_epoch(model, model_type, sprites, config, device, epoch, optimizer=None,
     model.train(training)
     count = len(sprites)
     order = np.random.default_rng([config["seed"], epoch]).permutation(count) if training else np.arange(count)
+    # The model itself, where `model` is its data-parallel wrapper: it holds the objective.
+    core = getattr(model, "module", model)
     vq = model_type == "vqvae"
-    codes = torch.zeros(code_histogram_size(config), dtype=torch.long, device=device) if vq else None
+    codes = torch.zeros(core.code_histogram_size, dtype=torch.long, device=device) if vq else None
     sums = collections.defaultdict(lambda: torch.zeros((), device=device))
     shares = list(batch_shares(order, config["batch_size"], training))
     first_bad_step = torch.full((), len(shares), device=device)
@@ -145,7 +167,7 @@ def run_epoch(model, model_type, sprites, config, device, epoch, optimizer=None,
                         output = model(x, noise=vae_noise(size, config, device)[start:start + len(x)])
                     else:
                         output = model(x)
-                    terms = loss_terms(model_type, output, x, config)
+                    terms = core.loss_terms(x, output)
                 if training:
                     # Ranks average their gradients: weighted by its share, each rank's batch mean
                     # makes the mean over the global batch even when the shares are unequal.
@@ -156,7 +178,8 @@ def run_epoch(model, model_type, sprites, config, device, epoch, optimizer=None,
                 bad = ~torch.isfinite(terms["loss"].detach())
                 first_bad_step = torch.where(bad & (first_bad_step == len(shares)), step, first_bad_step)
                 if vq:
-                    codes += torch.bincount(histogram_bins(output.indices, config), minlength=len(codes))
+                    codes += torch.bincount(histogram_bins(output.indices, core.quantizer.num_embeddings),
+                                            minlength=len(codes))
                 if keep_outputs:
                     outputs.append(from_batch(output.reconstruction))
                     kept.append(index)
@@ -185,13 +208,13 @@ def run_epoch(model, model_type, sprites, config, device, epoch, optimizer=None,
     return means, (codes.cpu().numpy() if vq else None), reconstructions
 
 
-def histogram_bins(indices, config):
+def histogram_bins(indices, num_embeddings):
     """The bins of the code histogram that `indices` fill, flat: a residual quantiser's [B, depth,
-    h, w] counts each level in its own num_embeddings bins, one level after another."""
+    h, w] counts each level in its own `num_embeddings` bins, one level after another."""
     if indices.dim() == 3:
         return indices.flatten()
-    levels = torch.arange(codes_per_cell(config), device=indices.device).reshape(1, -1, 1, 1)
-    return (indices + levels * config["num_embeddings"]).flatten()
+    levels = torch.arange(indices.shape[1], device=indices.device).reshape(1, -1, 1, 1)
+    return (indices + levels * num_embeddings).flatten()
 
 
 def vae_noise(size, config, device):
@@ -203,9 +226,11 @@ def vae_noise(size, config, device):
 
 def architecture(config, model_type):
     """The config keys a checkpoint must agree on to be loaded into this model; a key newer than
-    the checkpoint counts as its default."""
+    the checkpoint counts as its default. The objective's weights shape no tensor, so a run may
+    resume under others, as under another learning rate."""
     defaults = model_defaults(model_type)
-    return {key: config.get(key, defaults.get(key)) for key in model_keys(model_type) + ["image_size"]}
+    keys = [key for key in model_keys(model_type) if key not in objective_keys(model_type)]
+    return {key: config.get(key, defaults.get(key)) for key in keys + ["image_size"]}
 
 
 def load_checkpoint(path):
@@ -498,7 +523,7 @@ def train_unlocked(model_type, config, device):
         row.update({f"train_{k}": v for k, v in train_terms.items()})
         row.update({f"val_{k}": v for k, v in val_terms.items()})
         if val_codes is not None:
-            row.update({f"val_{k}": v for k, v in codebook_stats(val_codes, codes_per_cell(config)).items()})
+            row.update({f"val_{k}": v for k, v in codebook_stats(val_codes, model.codes_per_cell).items()})
         history.append(row)
         if is_first_rank():
             frames.append(sample_frame(runner, val_set, samples, device))
@@ -518,9 +543,9 @@ def train_unlocked(model_type, config, device):
 
     write_reconstructions(out / "reconstructions", test_set.names, reconstructions)
     metrics = image_metrics(test_set.images, reconstructions, test_set.masks)
-    metrics["bits_per_sprite"] = bits_per_sprite(config, test_set.images)
+    metrics["bits_per_sprite"] = model.bits_per_sprite(config["image_size"], metrics["input_colours"])
     if test_codes is not None:
-        metrics.update(codebook_stats(test_codes, codes_per_cell(config)))
+        metrics.update(codebook_stats(test_codes, model.codes_per_cell))
         plot_codebook_usage(history, test_codes, out / "codebook_usage.png")
     train_seconds = sum(row["train_seconds"] for row in history)
     metrics.update({
