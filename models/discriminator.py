@@ -54,3 +54,42 @@ def adaptive_weight(reconstruction_loss: Tensor, adversarial_loss: Tensor, last_
     adversarial_grad, = torch.autograd.grad(adversarial_loss, last_layer, retain_graph=True)
     weight = recon_grad.norm() / (adversarial_grad.norm() + ADAPTIVE_EPSILON)
     return weight.clamp(0.0, ADAPTIVE_MAX).detach()
+
+
+class AdversarialLoss(nn.Module):
+    """The adversarial half of the objective, in one place: the discriminator, the weight of its term,
+    and the warm-up of `start_step` training steps of reconstruction alone before either trains
+    (VQGAN's: a discriminator judging early blur teaches the autoencoder nothing it needs).
+
+    `generator_term` is the autoencoder's term, `weight` x the adaptive balance x -D(reconstruction);
+    `discriminator_term` the hinge loss that trains the discriminator alone, by its own optimiser."""
+
+    def __init__(self, weight: float, start_step: int, in_channels: int = 3, channels: int = 64, layers: int = 2):
+        super().__init__()
+        self.weight, self.start_step = weight, start_step
+        self.discriminator = PatchDiscriminator(in_channels, channels, layers)
+        # Training steps seen, a buffer so that a resumed run keeps its place in the warm-up.
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    @property
+    def active(self) -> bool:
+        return int(self.step) >= self.start_step
+
+    def generator_term(self, reconstruction: Tensor, reconstruction_loss: Tensor, last_layer: Tensor) -> Tensor:
+        """The weighted adversarial term of one training step (0 during the warm-up, and outside
+        training, where no gradient is there to balance); counts the step."""
+        if not torch.is_grad_enabled() or not self.training:
+            return reconstruction.new_zeros((), dtype=torch.float32)
+        active = self.active
+        self.step += 1
+        if not active:
+            return reconstruction.new_zeros((), dtype=torch.float32)
+        # The discriminator's own parameters take no gradient from the autoencoder's term.
+        self.discriminator.requires_grad_(False)
+        term = generator_loss(self.discriminator(reconstruction.float()))
+        self.discriminator.requires_grad_(True)
+        return self.weight * adaptive_weight(reconstruction_loss, term, last_layer) * term
+
+    def discriminator_term(self, x: Tensor, reconstruction: Tensor) -> Tensor:
+        """The hinge loss of real sprites against their detached reconstructions."""
+        return hinge_discriminator_loss(self.discriminator(x.float()), self.discriminator(reconstruction.detach().float()))

@@ -20,13 +20,15 @@ from torch import Tensor, nn
 
 from .decoder import StretchedSigmoid
 
-NORM_GROUPS = 32
+# Channels normalised together. A group of one channel is instance normalisation, which takes away
+# each channel's mean over the sprite: its overall colour, that the decoder must give back.
+GROUP_CHANNELS = 8
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
     # GroupNorm, not BatchNorm: a sprite's statistics do not depend on the other sprites of its
     # batch, which matters when a discriminator sees real and reconstructed batches apart.
-    return nn.GroupNorm(math.gcd(NORM_GROUPS, channels), channels, eps=1e-6)
+    return nn.GroupNorm(math.gcd(channels, max(1, channels // GROUP_CHANNELS)), channels, eps=1e-6)
 
 
 class ResidualBlock(nn.Module):

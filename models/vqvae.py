@@ -6,12 +6,16 @@ from torch import Tensor, nn
 
 from .decoder import Decoder
 from .encoder import Encoder
+from .factorized import FactorizedQuantizer
 from .palette import PaletteChoice, PaletteHead, Palettes, sprite_palettes
 from .fsq import FiniteScalarQuantizer, parse_levels
 from .quantizer import QuantizerOutput, VectorQuantizerEMA
 from .residual import ResidualVectorQuantizer
+from .resnet import ResidualDecoder, ResidualEncoder
 
-QUANTIZERS = ("ema", "residual", "fsq")
+QUANTIZERS = ("ema", "residual", "fsq", "factorized")
+# 'paper': non-overlapping 2x2 layers, each code its own block; 'residual': models/resnet.py, codes that see their neighbours.
+ARCHITECTURES = ("paper", "residual")
 
 
 class VQVAEOutput(NamedTuple):
@@ -29,8 +33,11 @@ class VQVAE(nn.Module):
     models/palette.py chooses one colour of the input's own palette; decoding then needs a palette.
     `palette_context` > 0 also gives the encoder that many channels describing each pixel's place in
     its sprite's palette, so that codes can name palette entries rather than colours.
-    `quantizer` is 'ema' (the paper's), 'residual' (`residual_depth` EMA quantisers in turn) or 'fsq'
-    (`fsq_levels` per channel, whose product is `num_embeddings`). `dead_code_sampling` says how the
+    `quantizer` is 'ema' (the paper's), 'residual' (`residual_depth` EMA quantisers in turn), 'fsq'
+    (`fsq_levels` per channel, whose product is `num_embeddings`) or 'factorized' (l2-normalised
+    codes of `codebook_dim` channels, models/factorized.py, optionally with the `rotation_trick`).
+    `architecture` 'residual' builds models/resnet.py's encoder and decoder, `hidden_channels` wide
+    at full size with `residual_blocks` blocks at each resolution, in place of the paper's stack. `dead_code_sampling` says how the
     EMA codebooks draw the latents that dead codes restart on: 'uniform' or by quantisation 'error'.
     Keyword names are the config keys, so `VQVAE(**model_config)` builds either.
     """
@@ -41,13 +48,20 @@ class VQVAE(nn.Module):
                  kmeans_init: bool = False, dead_code_threshold: float = 0.0,
                  palette_output: bool = False, palette_features: int = 16, quantizer: str = "ema",
                  residual_depth: int = 4, fsq_levels: str = "8,8,4", palette_context: int = 0,
-                 dead_code_sampling: str = "uniform"):
+                 dead_code_sampling: str = "uniform", architecture: str = "paper", hidden_channels: int = 32,
+                 residual_blocks: int = 1, codebook_dim: int = 8, rotation_trick: bool = False):
         super().__init__()
         if palette_context and not palette_output:
             raise ValueError("palette_context describes palette entries: it needs palette_output=True")
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture {architecture!r} is not one of {', '.join(ARCHITECTURES)}")
         self.num_layers, self.pixelsight_filters = num_layers, pixelsight_filters
-        self.encoder = Encoder(num_layers, embedding_dim, adapter_layer, pixelsight_filters,
-                               in_channels + palette_context)
+        if architecture == "paper":
+            self.encoder = Encoder(num_layers, embedding_dim, adapter_layer, pixelsight_filters,
+                                   in_channels + palette_context)
+        else:
+            self.encoder = ResidualEncoder(num_layers, embedding_dim, hidden_channels, residual_blocks,
+                                           adapter_layer, pixelsight_filters, in_channels + palette_context)
         if quantizer == "ema":
             self.quantizer = VectorQuantizerEMA(num_embeddings, embedding_dim, commitment_cost,
                                                 ema_decay, kmeans_init=kmeans_init,
@@ -63,11 +77,18 @@ class VQVAE(nn.Module):
             if self.quantizer.num_embeddings != num_embeddings:
                 raise ValueError(f"fsq_levels {fsq_levels!r} make {self.quantizer.num_embeddings} codes, "
                                  f"not num_embeddings = {num_embeddings}")
+        elif quantizer == "factorized":
+            self.quantizer = FactorizedQuantizer(num_embeddings, embedding_dim, codebook_dim, commitment_cost,
+                                                 rotation_trick)
         else:
             raise ValueError(f"quantizer {quantizer!r} is not one of {', '.join(QUANTIZERS)}")
         out_channels = palette_features if palette_output else in_channels
-        self.decoder = Decoder(num_layers, embedding_dim, adapter_layer, pixelsight_filters,
-                               out_channels, output_activation=not palette_output)
+        if architecture == "paper":
+            self.decoder = Decoder(num_layers, embedding_dim, adapter_layer, pixelsight_filters,
+                                   out_channels, output_activation=not palette_output)
+        else:
+            self.decoder = ResidualDecoder(num_layers, embedding_dim, hidden_channels, residual_blocks, adapter_layer,
+                                           pixelsight_filters, out_channels, output_activation=not palette_output)
         self.palette_head = PaletteHead(palette_features, context_features=palette_context) if palette_output else None
 
     def code_grid_size(self, image_size: int) -> int:

@@ -120,3 +120,17 @@ def test_adaptive_weight_is_the_ratio_of_gradient_norms_at_the_last_layer():
     balance = adaptive_weight(reconstruction, adversarial, weight)
     assert balance.item() == pytest.approx(5 / (0.5 + 1e-4))
     assert not balance.requires_grad
+
+
+def test_snapping_gives_each_pixel_the_nearest_colour_of_its_own_palette():
+    from models.palette import snap_to_palette, sprite_palettes
+    sprite = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.8, 0.2, 0.2]])  # black, white, red
+    index = torch.tensor([[0, 1], [2, 1]])
+    x = sprite[index].permute(2, 0, 1)[None]
+    blurred = x * 0.9 + 0.05  # every colour off by a little, none exact
+    snapped = snap_to_palette(blurred, sprite_palettes(x))
+    assert torch.equal((snapped * 255).round(), (x * 255).round())
+    # Another image's palette is not used: a second sprite of blue alone snaps everything to blue.
+    blue = torch.tensor([0.1, 0.2, 0.9])[:, None, None].expand(3, 2, 2)[None]
+    both = snap_to_palette(torch.cat([blurred, blurred]), sprite_palettes(torch.cat([x, blue])))
+    assert torch.equal((both[1] * 255).round(), (blue[0] * 255).round())
