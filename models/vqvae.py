@@ -5,9 +5,10 @@ import torch
 from torch import Tensor, nn
 
 from .decoder import Decoder
+from .discriminator import AdversarialLoss
 from .encoder import Encoder
 from .factorized import FactorizedQuantizer
-from .palette import PaletteChoice, PaletteHead, Palettes, sprite_palettes
+from .palette import PaletteChoice, PaletteHead, Palettes, snap_to_palette, sprite_palettes
 from .fsq import FiniteScalarQuantizer, parse_levels
 from .quantizer import QuantizerOutput, VectorQuantizerEMA
 from .residual import ResidualVectorQuantizer
@@ -36,7 +37,7 @@ class VQVAE(nn.Module):
     `quantizer` is 'ema' (the paper's), 'residual' (`residual_depth` EMA quantisers in turn), 'fsq'
     (`fsq_levels` per channel, whose product is `num_embeddings`) or 'factorized' (l2-normalised
     codes of `codebook_dim` channels, models/factorized.py, optionally with the `rotation_trick`).
-    `architecture` 'residual' builds models/resnet.py's encoder and decoder, `hidden_channels` wide
+    `architecture` 'residual' builds models/resnet.py's encoder and decoder, `residual_channels` wide
     at full size with `residual_blocks` blocks at each resolution, in place of the paper's stack. `dead_code_sampling` says how the
     EMA codebooks draw the latents that dead codes restart on: 'uniform' or by quantisation 'error'.
     Keyword names are the config keys, so `VQVAE(**model_config)` builds either.
@@ -48,9 +49,13 @@ class VQVAE(nn.Module):
                  kmeans_init: bool = False, dead_code_threshold: float = 0.0,
                  palette_output: bool = False, palette_features: int = 16, quantizer: str = "ema",
                  residual_depth: int = 4, fsq_levels: str = "8,8,4", palette_context: int = 0,
-                 dead_code_sampling: str = "uniform", architecture: str = "paper", hidden_channels: int = 32,
-                 residual_blocks: int = 1, codebook_dim: int = 8, rotation_trick: bool = False):
+                 dead_code_sampling: str = "uniform", architecture: str = "paper", residual_channels: int = 32,
+                 residual_blocks: int = 1, codebook_dim: int = 8, rotation_trick: bool = False,
+                 palette_snap: bool = False, l1_weight: float = 0.0, adversarial_weight: float = 0.0,
+                 adversarial_start: int = 0, discriminator_channels: int = 64, discriminator_layers: int = 2):
         super().__init__()
+        if palette_snap and palette_output:
+            raise ValueError("palette_snap snaps decoded colours to the palette; palette_output already chooses among it")
         if palette_context and not palette_output:
             raise ValueError("palette_context describes palette entries: it needs palette_output=True")
         if architecture not in ARCHITECTURES:
@@ -60,7 +65,7 @@ class VQVAE(nn.Module):
             self.encoder = Encoder(num_layers, embedding_dim, adapter_layer, pixelsight_filters,
                                    in_channels + palette_context)
         else:
-            self.encoder = ResidualEncoder(num_layers, embedding_dim, hidden_channels, residual_blocks,
+            self.encoder = ResidualEncoder(num_layers, embedding_dim, residual_channels, residual_blocks,
                                            adapter_layer, pixelsight_filters, in_channels + palette_context)
         if quantizer == "ema":
             self.quantizer = VectorQuantizerEMA(num_embeddings, embedding_dim, commitment_cost,
@@ -87,9 +92,17 @@ class VQVAE(nn.Module):
             self.decoder = Decoder(num_layers, embedding_dim, adapter_layer, pixelsight_filters,
                                    out_channels, output_activation=not palette_output)
         else:
-            self.decoder = ResidualDecoder(num_layers, embedding_dim, hidden_channels, residual_blocks, adapter_layer,
+            self.decoder = ResidualDecoder(num_layers, embedding_dim, residual_channels, residual_blocks, adapter_layer,
                                            pixelsight_filters, out_channels, output_activation=not palette_output)
         self.palette_head = PaletteHead(palette_features, context_features=palette_context) if palette_output else None
+        self.palette_snap, self.l1_weight = palette_snap, l1_weight
+        self.adversarial = (AdversarialLoss(adversarial_weight, adversarial_start, in_channels, discriminator_channels,
+                                            discriminator_layers) if adversarial_weight > 0 else None)
+
+    @property
+    def draws_with_palette(self) -> bool:
+        """Whether decoding needs the palette of the sprite drawn, side information beside the codes."""
+        return self.palette_head is not None or self.palette_snap
 
     def code_grid_size(self, image_size: int) -> int:
         """Side of the code grid for a square image of side `image_size`."""
@@ -116,11 +129,13 @@ class VQVAE(nn.Module):
     def decode(self, z_q: Tensor, palettes: Palettes | None = None) -> Tensor:
         """Quantised latents [B, D, h, w] -> image [B, C, H, W]; a palette-output model draws with
         `palettes` (one per image, or one for all)."""
-        if self.palette_head is None:
+        if self.palette_head is None and not self.palette_snap:
             return self.decoder(z_q)
         if palettes is None:
             raise ValueError("a palette_output model decodes with a palette: pass palettes, e.g. "
                              "models.palette.sprite_palettes(images) of the sprites to draw with")
+        if self.palette_head is None:
+            return snap_to_palette(self.decoder(z_q), palettes)
         return PaletteChoice(self.palette_head, self.decoder(z_q), palettes).chosen_colours()
 
     def decode_indices(self, indices: Tensor, palettes: Palettes | None = None) -> Tensor:
@@ -130,7 +145,11 @@ class VQVAE(nn.Module):
     def forward(self, x: Tensor) -> VQVAEOutput:
         if self.palette_head is None:
             quantized = self.quantize(self.encode_latents(x))
-            return VQVAEOutput(self.decode(quantized.quantized), quantized.loss, quantized.indices)
+            reconstruction = self.decoder(quantized.quantized)
+            if self.palette_snap and not self.training:
+                # Snapped in evaluation alone: training needs the decoder's colours and their gradient.
+                reconstruction = snap_to_palette(reconstruction, sprite_palettes(x, with_index=False))
+            return VQVAEOutput(reconstruction, quantized.loss, quantized.indices)
         palettes = sprite_palettes(x)
         quantized = self.quantize(self.encode_latents(x, palettes))
         choice = PaletteChoice(self.palette_head, self.decoder(quantized.quantized), palettes)
