@@ -561,7 +561,7 @@ def train_unlocked(model_type, config, device):
         same_buffers_as_first_rank(model)
         val_terms, val_codes, _ = run_epoch(runner, model_type, val_set, config, device, epoch)
         row = {"epoch": epoch + 1, "train_seconds": seconds, "train_images": len(train_set),
-               "learning_rate": config["learning_rate"]}
+               "learning_rate": config["learning_rate"], "last_learning_rate": optimizer.param_groups[0]["lr"]}
         row.update({f"train_{k}": v for k, v in train_terms.items()})
         row.update({f"val_{k}": v for k, v in val_terms.items()})
         if val_codes is not None:
