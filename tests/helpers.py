@@ -19,6 +19,8 @@ TINY = {
     "train_pixel_vqvae.py": TINY_VQ,
     "train_vqvae.py": ["--num_layers=1"] + TINY_VQ,
     "train_vae.py": ["--num_layers=2", "--max_filters=16", "--latent_dim=8"],
+    "train_tokenizer.py": ["--num_embeddings=16", "--embedding_dim=8", "--residual_channels=8",
+                           "--discriminator_channels=8"],
 }
 
 
