@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .losses import commitment_loss
 from .quantizer import QuantizerOutput
 
 
@@ -59,7 +60,8 @@ class FactorizedQuantizer(nn.Module):
             flat = unit(z.permute(0, 2, 3, 1).reshape(-1, d))
             indices = self.nearest(flat.detach())
             codes = unit(self.codebook)[indices]
-            loss = F.mse_loss(codes, flat.detach()) + self.commitment_cost * F.mse_loss(flat, codes.detach())
+            # The codebook's term pulls codes to their latents; the commitment loss, latents to their codes.
+            loss = F.mse_loss(codes, flat.detach()) + commitment_loss(flat, codes.detach(), self.commitment_cost)
             chosen = rotate_onto(flat, codes.detach()) if self.rotation_trick else flat + (codes - flat).detach()
             grid = chosen.reshape(b, h, w, d).permute(0, 3, 1, 2)
             quantized = self.project_out(grid)

@@ -54,3 +54,10 @@ def test_a_killed_tokenizer_run_resumes_to_the_uninterrupted_result(tmp_path, ti
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_results(tmp_path / "run", uninterrupted)
     assert files(tmp_path / "run" / "reconstructions") == files(uninterrupted / "reconstructions")
+
+
+def test_the_tokenizers_own_terms_are_plotted_by_their_names(uninterrupted, tmp_path):
+    from utils.plots import plot_losses
+    history = json.loads((uninterrupted / "history.json").read_text())
+    plotted = plot_losses(history, tmp_path / "losses.png")
+    assert {"loss", "recon", "vq", "l1", "adversarial", "discriminator"} <= set(plotted)
