@@ -5,13 +5,10 @@
 """
 import sys
 
-from utils.train import run_experiment
+from utils.train import TRAINING, run_experiment
 
 config = dict(
     experiment_name="vqvae",  # outputs go to <output_dir>/<experiment_name>/
-    output_dir="outputs",
-    dataset="pokemon",  # 'pokemon', a prepared data folder, or a folder or zip of your own sprites
-    image_size=64,
     # The paper's VQ-VAE: two 2x2 stride-2 layers, a 16x16 code grid.
     num_layers=2,
     adapter_layer=False,
@@ -29,10 +26,10 @@ config = dict(
     dead_code_sampling="uniform",
     # Not in the paper: 'ema' is its quantiser; 'residual' codes each latent as the sum of
     # residual_depth codes, one per EMA codebook; 'fsq' rounds len(fsq_levels) channels to a grid.
-    quantizer="ema",
+    quantizer="ema",  # or 'factorized': l2-normalised low-dimensional codes (models/factorized.py)
     residual_depth=4,  # 'residual': quantisers in turn, each coding what the ones before it left
     fsq_levels="8,8,4",  # 'fsq': levels of each channel; their product must be num_embeddings
-    use_ssim_loss=False,
+    use_ssim_loss=False,  # the Pixel VQ-VAE's optional SSIM term, ssim_weight * (1 - SSIM)
     ssim_weight=1.0,
     # Not in the paper: each pixel's colour chosen from the sprite's own palette, which is carried
     # beside the codes (models/palette.py), so every output colour is one the sprite has.
@@ -40,19 +37,20 @@ config = dict(
     palette_features=16,  # per-pixel features the choice compares with each palette colour's embedding
     palette_context=0,  # > 0: the encoder also sees this many channels describing each pixel's palette entry
     palette_max_colours=256,  # training images with more colours (noise backgrounds) are left out
-    batch_size=64,  # per process: torchrun --nproc_per_node=N steps on N * batch_size images
-    sync_batchnorm=True,  # under torchrun, BatchNorm statistics of the global batch, not each process's
-    epochs=25,
-    learning_rate=1e-4,
-    precision="fp32",  # 'bf16': bfloat16 autocast in training steps; weights, quantiser, evaluation stay float32
-    fast="auto",  # models/fast: True, False, or auto = on the CPU, where it was measured faster
-    seed=42,
-    device="auto",  # auto = cuda when present, else cpu
-    max_train_images=0,  # 0 = all; fewer for quick runs
-    resume=False,  # continue from <output_dir>/<experiment_name>/checkpoint.pt
-    overwrite=False,  # replace an existing experiment of the same name
-    num_fusions=8,  # pairs of test sprites mixed in latent space
-    fusion_steps=8,  # images in each interpolation strip
+    # Not in the paper: the 16x16 tokenizer's parts (train_tokenizer.py uses them). 'residual': residual
+    # blocks of 3x3 convolutions at every resolution and overlapping downsampling (models/resnet.py).
+    architecture="paper",
+    residual_channels=32,  # 'residual': filters at full size, doubled at each downsampling
+    residual_blocks=1,  # 'residual': blocks at each resolution
+    codebook_dim=8,  # 'factorized': channels of the l2-normalised codes
+    rotation_trick=False,  # 'factorized': gradients by the rotation trick instead of straight through
+    palette_snap=False,  # snap decoded colours to the sprite's own palette, counted in bits per sprite
+    l1_weight=0.0,  # weight of an L1 term beside the MSE
+    adversarial_weight=0.0,  # > 0: a patch discriminator's term, balanced by gradient norms (models/discriminator.py)
+    adversarial_start=0,  # training steps of reconstruction alone before the discriminator trains
+    discriminator_channels=64,
+    discriminator_layers=2,  # 4x4 stride-2 layers: each logit judges a patch of about 34 pixels
+    **TRAINING,  # data, outputs, batch size, epochs, learning rate, ...: utils/train.py
 )
 
 if __name__ == "__main__":

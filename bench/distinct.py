@@ -25,7 +25,6 @@ from models.fast import accelerate  # noqa: E402
 from utils.config import parse_config  # noqa: E402
 from utils.device import choose_device  # noqa: E402
 from utils.images import to_batch  # noqa: E402
-from utils.losses import loss_terms  # noqa: E402
 from utils.train import make_optimizer, training_precision  # noqa: E402
 
 config = dict(
@@ -78,7 +77,7 @@ def alternate(copies, model_type, run_config, train, batches, device, before_ste
                 before_step(name)
             started = time.perf_counter()
             with training_precision(run_config, device, True):
-                loss = loss_terms(model_type, model(x), x, run_config)["loss"]
+                loss = model.loss_terms(x, model(x))["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

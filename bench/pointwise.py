@@ -22,7 +22,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models import VQVAE  # noqa: E402
 from models.fast.pointwise import fused_pointwise, is_pointwise_stack  # noqa: E402
 from utils.config import parse_config  # noqa: E402
-from utils.losses import loss_terms  # noqa: E402
 
 config = dict(
     batch_size=64,
@@ -65,7 +64,7 @@ def time_steps(model: VQVAE, x: torch.Tensor, steps: int, warmup_steps: int) -> 
     walls, cpus, losses = [], [], []
     for step in range(warmup_steps + steps):
         wall, cpu = time.perf_counter(), time.process_time()
-        loss = loss_terms("vqvae", model(x), x, {})["loss"]
+        loss = model.loss_terms(x, model(x))["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -41,7 +41,6 @@ from utils.config import parse_config  # noqa: E402
 from utils.device import choose_device, describe_machine  # noqa: E402
 from utils.images import to_batch  # noqa: E402
 from utils.io import write_json  # noqa: E402
-from utils.losses import loss_terms  # noqa: E402
 from utils.train import accelerated, make_optimizer, palette_training_set, run_epoch  # noqa: E402
 
 config = dict(
@@ -167,7 +166,7 @@ def flops_per_image(model_type, run_config, model, device, batch=8):
     torch.set_num_threads(1)  # the counter sees only this thread
     try:
         with FlopCounterMode(display=False) as counter:
-            loss_terms(model_type, model(x), x, run_config)["loss"].backward()
+            model.loss_terms(x, model(x))["loss"].backward()
     finally:
         torch.set_num_threads(threads)
     model.zero_grad(set_to_none=True)

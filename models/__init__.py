@@ -3,6 +3,7 @@
 models/fast trains them faster on the CPU, behind `models.fast.accelerate(model, device)`."""
 import inspect
 
+import torch
 from torch import nn
 
 from .decoder import Decoder
@@ -18,7 +19,7 @@ MODELS = {"vae": VAE, "vqvae": VQVAE, "pixelcnn": GatedPixelCNN}
 
 __all__ = ["Decoder", "Encoder", "FiniteScalarQuantizer", "GatedPixelCNN", "MODELS", "QuantizerOutput",
            "ResidualVectorQuantizer", "VAE", "VAEOutput", "VQVAE", "VQVAEOutput", "VectorQuantizerEMA", "bits_per_code", "build_model", "model_defaults", "model_keys",
-           "negative_log_likelihood", "sample_codes"]
+           "described_model", "negative_log_likelihood", "objective_keys", "sample_codes"]
 
 
 def model_keys(model_type: str) -> list[str]:
@@ -34,6 +35,11 @@ def model_defaults(model_type: str) -> dict:
     return {k: p.default for k, p in parameters.items() if p.default is not inspect.Parameter.empty}
 
 
+def objective_keys(model_type: str) -> tuple[str, ...]:
+    """The model keys that weigh its objective's terms rather than shape its tensors."""
+    return getattr(MODELS[model_type], "objective_keys", ())
+
+
 def build_model(model_type: str, config: dict) -> nn.Module:
     """The model of `model_type` ('vae', 'vqvae' or 'pixelcnn') built from the model keys of `config`.
 
@@ -46,3 +52,10 @@ def build_model(model_type: str, config: dict) -> nn.Module:
     if missing:
         raise ValueError(f"config for model_type {model_type!r} lacks {missing}")
     return MODELS[model_type](**{k: config[k] for k in keys if k in config})
+
+
+def described_model(model_type: str, config: dict) -> nn.Module:
+    """The model of `config` without weights (on the meta device), to ask for its facts, such as
+    its code grid and bits per sprite, where only a config is at hand: no memory, no random draws."""
+    with torch.device("meta"):
+        return build_model(model_type, config)

@@ -52,6 +52,11 @@ class Decoder(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.tail = 2 if output_activation else 1
 
+    @property
+    def last_layer(self) -> Tensor:
+        """The weight of the last convolution, where VQGAN's adaptive weight compares gradient norms."""
+        return self.layers[-self.tail].weight
+
     def forward(self, z: Tensor) -> Tensor:
         hidden = self.layers[:-self.tail](z)
         # The last layer in float32 even under a bfloat16 autocast: bfloat16 resolves steps of

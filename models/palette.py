@@ -19,6 +19,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 COLOUR_LEVELS = 255
+# A colour of 8 bits per channel: what a palette costs to send beside the codes.
+BITS_PER_COLOUR = 24
 
 
 class Palettes(NamedTuple):
@@ -214,3 +216,20 @@ def expected_colours(logits: Tensor, palettes: Palettes, size) -> Tensor:
     """The softmax-weighted mean colour of each pixel [B, 3, H, W]."""
     colours = palettes.colours.expand(len(logits), -1, -1).float()
     return _as_image(torch.bmm(F.softmax(logits, -1), colours), size)
+
+
+def snap_to_palette(images: Tensor, palettes: Palettes) -> Tensor:
+    """Each pixel of `images` [B, 3, H, W] replaced by the nearest colour (squared RGB distance) of
+    its image's palette, or of one palette for all: flat colours by construction, once the palette
+    travels beside the codes. Ties go to the first entry, the one of the smaller RGB key."""
+    pixels = images.detach().float().flatten(2).transpose(1, 2)  # [B, H*W, 3]
+    colours = palettes.colours.float().expand(len(images), -1, -1)
+    valid = palettes.valid.expand(len(images), -1)
+    snapped = []
+    step = max(1, LOGIT_BUDGET // (colours.shape[1] * pixels.shape[1]))
+    for start in range(0, len(images), step):
+        rows = slice(start, start + step)
+        distance = torch.cdist(pixels[rows], colours[rows]).masked_fill(~valid[rows, None, :], float("inf"))
+        choice = distance.argmin(-1)
+        snapped.append(torch.gather(colours[rows], 1, choice[:, :, None].expand(-1, -1, 3)))
+    return _as_image(torch.cat(snapped), images.shape[2:]).to(images.dtype)

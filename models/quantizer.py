@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .collectives import all_gather_rows, all_reduce_sum, broadcast_from_first_rank
+from .losses import commitment_loss
 
 KMEANS_SAMPLES = 16384  # latents k-means sees; enough to place the codes, cheap at any batch size
 KMEANS_ITERATIONS = 10
@@ -14,7 +15,7 @@ DEAD_CODE_SAMPLING = ("uniform", "error")
 
 class QuantizerOutput(NamedTuple):
     quantized: Tensor  # [B, D, H, W]; the codes (up to rounding), passing gradients straight through to z_e
-    loss: Tensor  # commitment loss
+    loss: Tensor  # commitment loss (models/losses.py), weighted by commitment_cost
     indices: Tensor  # [B, H, W]
 
 
@@ -77,8 +78,7 @@ class VectorQuantizerEMA(nn.Module):
         with torch.autocast(z_e.device.type, enabled=False):
             z = z_e.float()
             codes, indices = self.nearest_codes(z)
-            # The codes are buffers: the loss pulls only z towards them.
-            loss = self.commitment_cost * F.mse_loss(z, codes)
+            loss = commitment_loss(z, codes, self.commitment_cost)
             quantized = z + (codes - z).detach()
         return QuantizerOutput(quantized.to(z_e.dtype), loss, indices)
 

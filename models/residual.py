@@ -1,8 +1,8 @@
 """Residual vector quantisation (SoundStream, Zeghidour et al. 2021; RQ-VAE, Lee et al. 2022)."""
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .losses import commitment_loss
 from .quantizer import QuantizerOutput, VectorQuantizerEMA
 
 
@@ -42,7 +42,7 @@ class ResidualVectorQuantizer(nn.Module):
                 total = total + codes
                 residual = residual - codes
                 indices.append(level_indices)
-            loss = self.commitment_cost * F.mse_loss(z, total)
+            loss = commitment_loss(z, total, self.commitment_cost)
             quantized = z + (total - z).detach()
         return QuantizerOutput(quantized.to(z_e.dtype), loss, torch.stack(indices, 1))
 

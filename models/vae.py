@@ -7,14 +7,13 @@ from torch import Tensor, nn
 
 from .decoder import Decoder
 from .encoder import Encoder
+from .losses import reconstruction_loss
 
 
 class VAEOutput(NamedTuple):
     reconstruction: Tensor  # [B, C, H, W] in [0, 1]
     mu: Tensor  # [B, latent_dim]
     logvar: Tensor  # [B, latent_dim]
-    kl: Tensor  # KL divergence of an image (summed over latent dims), mean over the batch
-    kl_loss: Tensor  # kl_weight * kl / (C * H * W); the training loop adds it to the per-pixel MSE
 
 
 def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
@@ -25,11 +24,14 @@ def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
 class VAE(nn.Module):
     """Image -> mean and log-variance of a `latent_dim` Gaussian -> image.
 
-    Training loss: `F.mse_loss(out.reconstruction, x) + out.kl_loss`. The MSE is a mean over the
-    C*H*W values of an image, so kl_loss divides the KL by C*H*W too: with kl_weight (beta) = 1 the
-    sum is the negative ELBO of a Gaussian likelihood of variance 1/2, divided by C*H*W and up to a
-    constant. kl_weight < 1 trades a less regular latent space for sharper reconstructions.
+    The objective (`loss_terms`) is the reconstruction's MSE plus kl_weight times the KL divergence
+    over C*H*W: the MSE is a mean over the C*H*W values of an image, so with kl_weight (beta) = 1
+    the sum is the negative ELBO of a Gaussian likelihood of variance 1/2, divided by C*H*W and up
+    to a constant. kl_weight < 1 trades a less regular latent space for sharper reconstructions.
     """
+
+    # Keys that weigh the objective and shape no tensor: a run may resume under other values.
+    objective_keys = ("kl_weight",)
 
     def __init__(self, num_layers: int = 4, max_filters: int = 512, latent_dim: int = 256,
                  kl_weight: float = 1.0, adapter_layer: bool = True, image_size: int = 64,
@@ -65,6 +67,15 @@ class VAE(nn.Module):
             noise = torch.randn_like(mu)
         # Reparameterisation while training; the mean in eval, so evaluation is deterministic.
         z = mu + noise * (0.5 * logvar).exp() if self.training else mu
-        reconstruction = self.decode(z)
-        kl = kl_divergence(mu, logvar)
-        return VAEOutput(reconstruction, mu, logvar, kl, self.kl_weight * kl / x[0].numel())
+        return VAEOutput(self.decode(z), mu, logvar)
+
+    def loss_terms(self, x: Tensor, output: VAEOutput) -> dict[str, Tensor]:
+        """Each named term of the objective for input x and the model's `output` of it; 'loss' is
+        their weighted sum, what training minimises."""
+        recon = reconstruction_loss(output.reconstruction, x)
+        kl = kl_divergence(output.mu, output.logvar)
+        return {"recon": recon, "kl": kl, "loss": recon + self.kl_weight * kl / x[0].numel()}
+
+    def bits_per_sprite(self, image_size: int, palette_colours: float | None = None) -> None:
+        """None: the latent is a vector of floats, with no fixed bit count."""
+        return None

@@ -19,6 +19,8 @@ TINY = {
     "train_pixel_vqvae.py": TINY_VQ,
     "train_vqvae.py": ["--num_layers=1"] + TINY_VQ,
     "train_vae.py": ["--num_layers=2", "--max_filters=16", "--latent_dim=8"],
+    "train_tokenizer.py": ["--num_embeddings=16", "--embedding_dim=8", "--residual_channels=8",
+                           "--discriminator_channels=8"],
 }
 
 
@@ -134,8 +136,7 @@ def seeded_run(model, x, steps=3, seed=5, learning_rate=0.1):
             output = model(x, noise=torch.randn(len(x), model.from_latent.in_features).to(x.dtype))
         else:
             output = model(x)
-        extra = output.kl_loss if isinstance(model, VAE) else output.vq_loss
-        loss = (output.reconstruction - x).square().mean() + extra
+        loss = model.loss_terms(x, output)["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -92,3 +92,21 @@ def test_a_checkpoint_from_before_the_quantizer_keys_is_one_of_the_ema_quantiser
     # Its state dict is the one the model builds today: the EMA quantiser's buffers, named as they were.
     keys = {key for key in build_model("vqvae", older).state_dict() if key.startswith("quantizer.")}
     assert keys == {"quantizer.embedding", "quantizer.cluster_size", "quantizer.embed_sum", "quantizer.initialized"}
+
+
+def test_a_config_from_before_the_ssim_keys_were_the_models_builds_the_model_it_meant(tmp_path):
+    # Saved configs held use_ssim_loss and ssim_weight as training keys of the VQ scripts, and
+    # configs older still lacked them (no SSIM term): both rebuild the model they trained.
+    config = {**train_vqvae.config, "num_embeddings": 8, "embedding_dim": 4, "image_size": 16}
+    older = {key: value for key, value in config.items() if key not in ("use_ssim_loss", "ssim_weight")}
+    for saved, ssim_term in [(older, False), ({**config, "use_ssim_loss": True, "ssim_weight": 0.5}, True)]:
+        folder = tmp_path / str(ssim_term)
+        folder.mkdir()
+        torch.save({"model": build_model("vqvae", saved).state_dict(), "config": saved, "model_type": "vqvae"},
+                   folder / "model.pt")
+        model, _, _ = load_model(folder, "cpu", fast=False)
+        x = torch.rand(2, 3, 16, 16)
+        assert ("ssim" in model.loss_terms(x, model(x))) == ssim_term
+        assert model.ssim_weight == (0.5 if ssim_term else 1.0)
+    # The objective's weights shape no tensor: a run resumes under others.
+    assert architecture(older, "vqvae") == architecture({**config, "use_ssim_loss": True}, "vqvae")

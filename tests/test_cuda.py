@@ -16,7 +16,6 @@ from bench.gpu_check import lists_key
 from models import VectorQuantizerEMA, build_model
 from tests.helpers import train
 from tests.sprites import sprite_rgba
-from utils.losses import loss_terms
 
 DEVICE = torch.device(os.environ.get("PIXEL_VQVAE_TEST_DEVICE", "cuda"))
 pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),
@@ -55,7 +54,7 @@ def assert_close_to_scale(actual, expected, tolerance=1e-3):
 
 def train_step(model, model_type, x, noise):
     output = model(x, noise) if model_type == "vae" else model(x)
-    loss = loss_terms(model_type, output, x, {})["loss"]
+    loss = model.loss_terms(x, output)["loss"]
     loss.backward()
     return output, loss
 

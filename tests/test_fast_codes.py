@@ -8,7 +8,7 @@ from models import VQVAE
 from models.fast import accelerate, codes
 from models.fast.distinct import _NarrowLinear, summed_outer_products
 from tests.helpers import assert_close_to_scale, palette_batch
-from utils.losses import ssim
+from models.losses import ssim
 
 
 def by_code_and_whole(num_layers=2, **keys):

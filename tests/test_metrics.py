@@ -139,8 +139,9 @@ def test_image_metrics_with_masks_include_the_palette_exact_share():
 
 
 def test_bits_per_sprite_is_grid_cells_times_log2_codebook_size_and_none_for_the_vae():
-    assert bits_per_sprite({"image_size": 64, "num_layers": 0, "num_embeddings": 256}) == 64 * 64 * 8
-    assert bits_per_sprite({"image_size": 64, "num_layers": 2, "num_embeddings": 1024}) == 16 * 16 * 10
+    assert bits_per_sprite({"image_size": 64, "num_layers": 0, "adapter_layer": True, "num_embeddings": 256,
+                            "embedding_dim": 8}) == 64 * 64 * 8
+    assert bits_per_sprite({"image_size": 64, "num_layers": 2, "num_embeddings": 1024, "embedding_dim": 8}) == 16 * 16 * 10
     assert bits_per_sprite({"image_size": 64, "num_layers": 4, "latent_dim": 256}) is None
 
 

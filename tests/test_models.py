@@ -10,7 +10,9 @@ from models import VAE, VQVAE, Decoder, Encoder, VectorQuantizerEMA, build_model
 from models import quantizer as quantizer_module
 from models.decoder import StretchedSigmoid
 from models.quantizer import nearest_code
+from models.losses import commitment_loss, ssim
 from models.vae import kl_divergence
+from models.vqvae import VQVAEOutput
 
 # A pixel-art palette with the pure black and white that outlines and backgrounds use.
 PALETTE = torch.tensor([[0, 0, 0], [255, 255, 255], [200, 40, 40], [40, 120, 200]]) / 255
@@ -361,8 +363,11 @@ def test_vae_shapes_and_kl_loss_per_pixel_channel():
     out = vae(x)
     assert out.reconstruction.shape == x.shape
     assert out.mu.shape == out.logvar.shape == (2, 8)
-    assert out.kl.item() > 0
-    assert out.kl_loss.item() == pytest.approx(0.5 * out.kl.item() / (3 * 16 * 16))
+    terms = vae.loss_terms(x, out)
+    assert list(terms) == ["recon", "kl", "loss"]
+    assert terms["kl"].item() == pytest.approx(kl_divergence(out.mu, out.logvar).item()) and terms["kl"].item() > 0
+    assert terms["recon"].item() == pytest.approx(((out.reconstruction - x) ** 2).mean().item())
+    assert terms["loss"].item() == pytest.approx(terms["recon"].item() + 0.5 * terms["kl"].item() / (3 * 16 * 16))
     decoded = vae.decode(torch.randn(5, 8))
     assert decoded.shape == (5, 3, 16, 16)
     assert 0 <= decoded.min() and decoded.max() <= 1
@@ -426,3 +431,35 @@ def test_reconstructions_stay_float32_under_a_bfloat16_autocast(num_layers):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.rand(2, 3, 16, 16).contiguous(memory_format=torch.channels_last))
     assert out.reconstruction.dtype == torch.float32
+
+
+def test_the_vqvae_objective_names_each_term_and_sums_them_by_their_weights():
+    model = VQVAE(num_layers=1, num_embeddings=8, embedding_dim=4, use_ssim_loss=True, ssim_weight=0.5)
+    x = torch.ones(1, 3, 16, 16)
+    stripes = torch.arange(16.0).remainder(2).expand(1, 3, 16, 16)
+    output = VQVAEOutput(0.5 * stripes, torch.tensor(0.1), torch.zeros(1, 8, 8, dtype=torch.long))
+    terms = model.loss_terms(x, output)
+    assert list(terms) == ["recon", "vq", "ssim", "loss"]
+    # Half the pixels 0.5 from 1, half 1 away: a mean squared error of (0.25 + 1) / 2.
+    assert terms["recon"].item() == pytest.approx(0.625)
+    assert terms["vq"].item() == pytest.approx(0.1)
+    assert terms["ssim"].item() == pytest.approx(1 - ssim(0.5 * stripes, x).item()) and terms["ssim"].item() > 0.5
+    assert terms["loss"].item() == pytest.approx(0.625 + 0.1 + 0.5 * terms["ssim"].item())
+    assert list(VQVAE(num_layers=1, num_embeddings=8, embedding_dim=4).loss_terms(x, output)) == ["recon", "vq", "loss"]
+
+
+def test_the_commitment_loss_of_counted_rows_is_that_of_the_rows_repeated():
+    z, codes = torch.randn(3, 4, 1, 1), torch.randn(3, 4, 1, 1)
+    counts = torch.tensor([1.0, 3.0, 2.0])
+    repeated = torch.repeat_interleave(torch.arange(3), counts.long())
+    assert commitment_loss(z, codes, 0.25, counts).item() == pytest.approx(
+        0.25 * F.mse_loss(z[repeated], codes[repeated]).item(), rel=1e-6)
+
+
+def test_a_vq_model_reports_its_code_grid_codes_per_cell_and_bits_per_sprite():
+    residual = VQVAE(num_layers=2, num_embeddings=16, embedding_dim=4, quantizer="residual", residual_depth=3)
+    assert (residual.code_grid_size(64), residual.codes_per_cell, residual.code_histogram_size) == (16, 3, 48)
+    assert residual.bits_per_sprite(64) == 16 * 16 * 3 * 4
+    palette = VQVAE(num_layers=1, num_embeddings=256, embedding_dim=4, palette_output=True)
+    assert palette.bits_per_sprite(16, palette_colours=5.5) == 8 * 8 * 8 + 24 * 5.5
+    assert VAE(num_layers=2, max_filters=16, latent_dim=4, image_size=16).bits_per_sprite(16) is None

@@ -13,7 +13,6 @@ from models.palette import palette_ranks, palette_union, sprite_palettes
 from tests.helpers import palette_batch, train
 from utils.data import SpriteSet
 from utils.errors import UserError
-from utils.losses import loss_terms
 from utils.metrics import BITS_PER_COLOUR, bits_per_sprite, colours_per_image
 from utils.prior import decode_grids, nearest_grids
 from utils.train import palette_training_set
@@ -63,8 +62,6 @@ def test_training_the_choice_makes_pixels_exact():
     model = VQVAE(**{**TINY_PALETTE, "num_embeddings": 64, "kmeans_init": True, "dead_code_threshold": 0.5})
     x = palette_batch(n=8, colours=6)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    config = {"use_ssim_loss": False}
-
     def exact_share():
         model.eval()
         with torch.no_grad():
@@ -75,7 +72,7 @@ def test_training_the_choice_makes_pixels_exact():
     before = exact_share()
     for _ in range(300):
         optimizer.zero_grad()
-        terms = loss_terms("vqvae", model(x), x, config)
+        terms = model.loss_terms(x, model(x))
         terms["loss"].backward()
         optimizer.step()
     assert terms["palette"].requires_grad and not terms["recon"].requires_grad
@@ -121,7 +118,7 @@ def test_codes_that_name_palette_entries_rebuild_close_shades_of_unseen_sprites(
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
     for _ in range(300):
         optimizer.zero_grad()
-        loss_terms("vqvae", model(x), x, {"use_ssim_loss": False})["loss"].backward()
+        model.loss_terms(x, model(x))["loss"].backward()
         optimizer.step()
     model.eval()
     with torch.no_grad():
@@ -135,9 +132,9 @@ def test_palette_context_needs_a_palette_output():
 
 
 def test_ssim_term_trains_through_the_expected_colours():
-    model = VQVAE(**TINY_PALETTE)
+    model = VQVAE(**TINY_PALETTE, use_ssim_loss=True)
     x = palette_batch(n=2, colours=6)
-    terms = loss_terms("vqvae", model(x), x, {"use_ssim_loss": True, "ssim_weight": 1.0})
+    terms = model.loss_terms(x, model(x))
     terms["loss"].backward()
     assert model.palette_head.embed[0].weight.grad.abs().sum() > 0
 
@@ -145,14 +142,13 @@ def test_ssim_term_trains_through_the_expected_colours():
 def test_a_few_images_at_a_time_gives_the_whole_batchs_loss_gradients_and_colours(monkeypatch):
     torch.manual_seed(0)
     # In eval mode two passes see the same codebook and BatchNorm statistics; gradients still flow.
-    model = VQVAE(**TINY_PALETTE).eval()
+    model = VQVAE(**TINY_PALETTE, use_ssim_loss=True).eval()
     x = palette_batch(n=6, colours=10)
-    config = {"use_ssim_loss": True, "ssim_weight": 1.0}
 
     def run():
         model.zero_grad()
         output = model(x)
-        terms = loss_terms("vqvae", output, x, config)
+        terms = model.loss_terms(x, output)
         terms["loss"].backward()
         grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
         return output, terms, grads
@@ -196,11 +192,11 @@ def test_the_fast_path_leaves_a_palette_model_to_its_own_forward_with_one_warnin
 
 def test_bits_per_sprite_counts_the_palette_beside_the_codes():
     images = (palette_batch(n=4, colours=9) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    config = {"image_size": 16, "num_layers": 1, "num_embeddings": 16}
+    config = {"image_size": 16, "num_layers": 1, "num_embeddings": 16, "embedding_dim": 8}
     assert bits_per_sprite(config) == 8 * 8 * 4
     palette_bits = BITS_PER_COLOUR * colours_per_image(images)
     assert bits_per_sprite({**config, "palette_output": True}, images) == 8 * 8 * 4 + palette_bits
-    with pytest.raises(ValueError, match="pass the images"):
+    with pytest.raises(ValueError, match="pass palette_colours"):
         bits_per_sprite({**config, "palette_output": True})
 
 

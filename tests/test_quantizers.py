@@ -135,9 +135,9 @@ def test_each_level_of_a_fitted_residual_quantiser_leaves_less_error():
 
 
 def test_a_residual_quantisers_histogram_counts_each_level_in_its_own_bins():
-    config = {"quantizer": "residual", "residual_depth": 2, "num_embeddings": 3}
+    config = {"quantizer": "residual", "residual_depth": 2, "num_embeddings": 3, "embedding_dim": 4}
     indices = torch.tensor([[[[0, 0]], [[2, 1]]]])  # [B=1, depth=2, h=1, w=2]
-    counts = torch.bincount(histogram_bins(indices, config), minlength=6)
+    counts = torch.bincount(histogram_bins(indices, 3), minlength=6)
     assert counts.tolist() == [2, 0, 0, 0, 1, 1]
     stats = codebook_stats(counts.numpy(), codebooks=2)
     assert stats["codes_used"] == 3 and stats["codes_used_per_level"] == [1, 2]

@@ -13,8 +13,11 @@ import math
 import sys
 from pathlib import Path
 
+from models.quantizer import DEAD_CODE_SAMPLING
+from models.vqvae import ARCHITECTURES, QUANTIZERS
 from utils.errors import UserError
 from utils.io import write_json
+from utils.schedule import LR_SCHEDULES
 
 _TRUE_WORDS = {"true", "1", "yes"}
 _FALSE_WORDS = {"false", "0", "no"}
@@ -22,8 +25,6 @@ _NONE_WORDS = {"none", "null"}
 
 
 PRECISIONS = ("fp32", "bf16")
-QUANTIZERS = ("ema", "residual", "fsq")  # models/vqvae.py builds each
-DEAD_CODE_SAMPLING = ("uniform", "error")  # models/quantizer.py draws restarts each way
 FID_DIMS = (64, 192, 768, 2048)
 
 
@@ -128,6 +129,18 @@ RULES = {
     "num_samples": _at_least(2),
     "temperature": _above(0),
     "fid_dims": _one_of(FID_DIMS),
+    "architecture": _one_of(ARCHITECTURES),
+    "residual_channels": _at_least(1),
+    "residual_blocks": _at_least(0),
+    "codebook_dim": _at_least(1),
+    "l1_weight": _at_least(0),
+    "adversarial_weight": _at_least(0),
+    "adversarial_start": _at_least(0),
+    "discriminator_channels": _at_least(1),
+    "discriminator_layers": _at_least(1),
+    "lr_schedule": _one_of(LR_SCHEDULES),
+    "warmup_steps": _at_least(0),
+    "grad_clip": _at_least(0),
 }
 
 

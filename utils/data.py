@@ -366,6 +366,11 @@ def image_name(key, bg, aug):
     return f"{key}__{bg}__{aug}.png"
 
 
+def background_of(name):
+    """The background an image of a prepared set was put on, read back from its `image_name`."""
+    return name.rsplit("__", 2)[-2]
+
+
 def _render_sprite(job):
     """All images of one sprite: (names, images, masks). Writes the PNGs into `folder`."""
     key, canvas, split, folder, options = job

@@ -37,7 +37,7 @@ def latents(model, model_type, x):
 
 def parents_palette(model, xa, xb):
     """What a palette-output model draws a fusion with: every colour of both parents."""
-    return palette_union(xa, xb) if getattr(model, "palette_head", None) is not None else None
+    return palette_union(xa, xb) if getattr(model, "draws_with_palette", False) else None
 
 
 def decode_latents(model, model_type, z, palettes=None):

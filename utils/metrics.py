@@ -6,7 +6,6 @@ because a pixel-art reconstruction that is one level off everywhere scores well 
 longer uses the sprite's palette.
 """
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -14,6 +13,8 @@ import numpy as np
 from PIL import Image
 from skimage.metrics import structural_similarity
 
+from models import described_model
+from models.palette import BITS_PER_COLOUR
 from utils.data import SkipImage, read_image_file
 from utils.errors import UserError, exit_on_user_error
 from utils.io import write_json
@@ -122,10 +123,6 @@ def foreign_colour_rate(ref, out):
     return float(1.0 - np.isin(out_keys, ref_keys).mean())
 
 
-# A colour of 8 bits per channel: what the palette costs to send beside the codes.
-BITS_PER_COLOUR = 24
-
-
 def palette_metrics(ref, out, masks):
     """Exactness once the sprite's own palette is known: each output sprite pixel snapped to the
     nearest (squared RGB distance) of the input sprite's distinct opaque colours.
@@ -151,33 +148,33 @@ def palette_metrics(ref, out, masks):
             "palette_bits": BITS_PER_COLOUR * float(np.mean(sizes)) if sizes else float("nan")}
 
 
+# The facts below are the model's own (models/vqvae.py), asked of the model a saved config builds.
+
+def _model_of(config):
+    return described_model("vqvae" if "num_embeddings" in config else "vae", config)
+
+
 def codes_per_cell(config):
-    """Codes that name one cell of a VQ model's grid: residual_depth for the residual quantiser
-    (one from each of its codebooks), else one."""
-    return config.get("residual_depth", 1) if config.get("quantizer", "ema") == "residual" else 1
+    """Codes that name one cell of the grid of the VQ model of `config`."""
+    return _model_of(config).codes_per_cell
 
 
 def code_histogram_size(config):
-    """Bins of a VQ model's code histogram: num_embeddings codes of each of its codes_per_cell codebooks."""
-    return codes_per_cell(config) * config["num_embeddings"]
+    """Bins of the code histogram of the VQ model of `config`."""
+    return _model_of(config).code_histogram_size
+
+
+def code_grid_size(config):
+    """Side of the code grid of the VQ model of `config` for its image_size."""
+    return _model_of(config).code_grid_size(config["image_size"])
 
 
 def bits_per_sprite(config, images=None):
-    """Bits that rebuild one image: grid cells x codes per cell x log2(codebook size) for the codes,
-    plus, for a palette-output model, the mean over uint8 `images` of its palette (every distinct
-    colour, BITS_PER_COLOUR each), the side information its decoder draws with. FSQ's levels
-    multiply to num_embeddings, so its sum of log2(level) per cell is log2(num_embeddings) too.
-
+    """Bits that rebuild one image of the model of `config`, as the model counts them; a
+    palette-output model's palettes are those of uint8 `images` (their mean number of colours).
     None for the VAE, whose latent is a vector of floats with no fixed bit count."""
-    if "num_embeddings" not in config:
-        return None
-    side = config["image_size"] // 2 ** config["num_layers"]
-    bits = side * side * codes_per_cell(config) * math.log2(config["num_embeddings"])
-    if config.get("palette_output"):
-        if images is None:
-            raise ValueError("a palette-output model's bits per sprite count its palettes: pass the images")
-        bits += BITS_PER_COLOUR * colours_per_image(images)
-    return bits
+    palette_colours = None if images is None else colours_per_image(images)
+    return _model_of(config).bits_per_sprite(config["image_size"], palette_colours)
 
 
 def codebook_stats(counts, codebooks=1):

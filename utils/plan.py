@@ -7,7 +7,7 @@ keys for the run's length. `config` names what seeds are repeats of (the tables 
 
 SEEDS = (42, 1, 2)
 TRAIN_IMAGES = 48_000  # one epoch of the prepared Pokemon training split
-PALETTE_TRAIN_IMAGES = 24_000  # its images on plain backgrounds: a palette model leaves out the noisy
+PLAIN_TRAIN_IMAGES = 24_000  # its images on plain backgrounds: a palette model leaves out the noisy
 
 # The paper's prior grid: 16x16 codes (two 2x2 stride-2 layers on 64x64), 1024 codes of dimension 64.
 GRID_16X16 = {"num_layers": 2, "num_embeddings": 1024, "embedding_dim": 64}
@@ -41,6 +41,22 @@ EXACT = (
     ("palette_context_per_pixel", "Pixel VQ-VAE per pixel + palette output and context", "train_pixel_vqvae.py",
      {"palette_output": True, "palette_context": 8, "dead_code_sampling": "error"}),
 )
+# The 16x16 tokenizer (train_tokenizer.py: residual encoder and decoder, factorised codes, L1 and an
+# adversarial term, snapped to the sprite's palette) beside the paper's 16x16 Pixel VQ-VAE trained
+# the same length on the same images with the same schedule: the comparison that is run first.
+SCHEDULE = {"plain_backgrounds_only": True, "lr_schedule": "cosine", "warmup_steps": 200, "grad_clip": 1.0}
+TOKENIZER = (
+    ("tokenizer", "16x16 tokenizer", "train_tokenizer.py", {}),
+    ("paper_pixel_vqvae", "Pixel VQ-VAE 16x16, the paper's stack", "train_pixel_vqvae.py", {**GRID_16X16, **SCHEDULE}),
+)
+# Then the paper's additions switched on over the tokenizer, and the VQ-VAE + SSIM control it lacked.
+TOKENIZER_ABLATION = (
+    ("adapter", "16x16 tokenizer + adapter", "train_tokenizer.py", {"adapter_layer": True}),
+    ("pixelsight", "16x16 tokenizer + PixelSight", "train_tokenizer.py", {"pixelsight_filters": 512}),
+    ("ssim", "16x16 tokenizer + SSIM term", "train_tokenizer.py", {"use_ssim_loss": True}),
+    ("vqvae_ssim", "VQ-VAE 16x16 + SSIM term, the paper's stack", "train_vqvae.py",
+     {**GRID_16X16, **SCHEDULE, "use_ssim_loss": True}),
+)
 PAPER = (
     ("pixel_vqvae", "Pixel VQ-VAE, per pixel", "train_pixel_vqvae.py"),
     ("vqvae", "VQ-VAE", "train_vqvae.py"),
@@ -63,6 +79,10 @@ SPEED = {"paper_pixel_vqvae": 155, "paper_vqvae": 1330, "paper_vae": 144,
          "ablation_pixel_vqvae": 73, "ablation_pixel_vqvae_ssim": 60,
          "exact_residual_pixel_vqvae": 65, "exact_fsq_pixel_vqvae": 73, "exact_palette_vqvae": 20, "exact_palette_pixel_vqvae": 15, "exact_palette_per_pixel": 30,
          "exact_palette_context_pixel_vqvae": 15, "exact_palette_context_per_pixel": 30,
+         # The tokenizer's from a short training on the AMD EPYC of 2026-12-07 beside other work
+         # (56 images/s at batch 32 without the discriminator); the paper's stack as the ablation's.
+         "tokenizer_tokenizer": 50, "tokenizer_paper_pixel_vqvae": 73, "tokenizer_adapter": 50,
+         "tokenizer_pixelsight": 30, "tokenizer_ssim": 45, "tokenizer_vqvae_ssim": 500,
          # grids/s of the cpu budget's prior; sampling 1,000 grids and their FID take ~12 minutes
          "prior": 60}
 # The FID of the reconstructions: Inception at 299x299 on 3,816 images (and once per machine on the
@@ -86,6 +106,9 @@ BUDGETS = {
             # beside the paper's per-pixel model, at its budget
             "exact_palette_per_pixel": {"epochs": 3, "learning_rate": 1e-4},
             "exact_palette_context_per_pixel": {"epochs": 3, "learning_rate": 1e-4},
+            # Ten epochs of the plain-background images on a cosine schedule; a run reads its own
+            # validation curve (history.json) to say whether it had flattened.
+            "tokenizer": {"epochs": 10, "learning_rate": 4e-4},
             "prior": {"epochs": 1, "hidden_channels": 64, "num_layers": 8, "kernel_size": 3, "num_samples": 1000},
             "seeds_for_paper_group": 1},
     # Everything tiny, for the test on a tiny 16x16 data set: one epoch of 64 images, narrow layers.
@@ -123,6 +146,8 @@ def base_plan(seeds, paper_seeds):
     plan += stages("exact", EXACT, seeds[0]) + priors("exact", DOWNSTREAM_EXACT)
     for seed in seeds[1:]:
         plan += stages("ablation", ABLATION, seed, GRID_16X16) + stages("exact", EXACT, seed)
+    for table in (TOKENIZER, TOKENIZER_ABLATION):
+        plan += [entry for seed in seeds for entry in stages("tokenizer", table, seed)]
     return plan
 
 
@@ -157,7 +182,8 @@ def plan(budget, seeds=SEEDS, script_defaults=None):
 def estimate_minutes(entry, defaults):
     """Expected wall minutes on an idle 2-core CPU, from SPEED and OVERHEAD_MINUTES."""
     planned = {**defaults, **entry["overrides"]}
-    images = planned["max_train_images"] or (PALETTE_TRAIN_IMAGES if planned.get("palette_output") else TRAIN_IMAGES)
+    plain = planned.get("palette_output") or planned.get("plain_backgrounds_only")
+    images = planned["max_train_images"] or (PLAIN_TRAIN_IMAGES if plain else TRAIN_IMAGES)
     prior = entry["group"] == "downstream"
     speed = SPEED["prior" if prior else entry["config"]]
     if prior and planned["hidden_channels"] * planned["num_layers"] * planned["kernel_size"] > 64 * 8 * 3:

@@ -18,8 +18,8 @@ from utils.io import atomic_path
 from utils.metrics import codebook_stats, colour_keys
 
 SPLITS = ("train", "val")
-# Named rather than "every train_ key": a history also holds train_seconds and codebook numbers.
-LOSS_TERMS = ("loss", "recon", "palette", "vq", "kl", "ssim", "bits_per_code")
+# What a history holds per split beside the loss terms, which are whatever the model names.
+NOT_LOSS_TERMS = ("seconds", "images", "codes_used", "dead_codes", "usage", "perplexity", "codes_used_per_level")
 
 
 def upscale_nearest(image, factor):
@@ -86,6 +86,13 @@ def _terms(columns, names):
     return [name for name in names if any(f"{split}_{name}" in columns for split in SPLITS)]
 
 
+def loss_terms(columns):
+    """Every loss term the history holds for a split, by name, the total 'loss' first."""
+    named = dict.fromkeys(key.split("_", 1)[1] for key in columns if key.split("_", 1)[0] in SPLITS)
+    terms = [name for name in named if name not in NOT_LOSS_TERMS]
+    return sorted(terms, key=lambda name: name != "loss")
+
+
 def _plot_splits(ax, columns, term):
     for split in SPLITS:
         values = columns.get(f"{split}_{term}")
@@ -114,14 +121,14 @@ def _new_figure(panels):
 
 
 def plot_losses(history, path):
-    """One panel per term of LOSS_TERMS in the history, train and validation over epochs.
+    """One panel per loss term of the history, train and validation over epochs, each titled by
+    the name the model gave it.
 
     Returns the terms plotted."""
     columns = _columns(history)
-    terms = _terms(columns, LOSS_TERMS)
+    terms = loss_terms(columns)
     if not terms:
-        raise ValueError(f"no train_/val_ loss keys ({', '.join(LOSS_TERMS)}) in history: "
-                         f"{sorted(columns)}")
+        raise ValueError(f"no train_/val_ loss keys in history: {sorted(columns)}")
     fig = _new_figure(len(terms))
     for i, term in enumerate(terms):
         _plot_splits(fig.add_subplot(1, len(terms), i + 1), columns, term)

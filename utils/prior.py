@@ -208,7 +208,7 @@ def write_samples(prior, vq_model, train_grids, coded_set, train_set, test_set, 
     codes = sample_codes(prior.eval(), shape, config["temperature"], generator=config["seed"], device=device)
     codes = codes.cpu().numpy().astype(np.int32)
     palette_images, palette = None, {}
-    if getattr(vq_model, "palette_head", None) is not None:
+    if getattr(vq_model, "draws_with_palette", False):
         palette_images = coded_set.images[nearest_grids(codes, train_grids)]
         palette = {"sample_palette": "the training sprite with the most codes in common"}
     samples = decode_grids(vq_model, codes, config["batch_size"], device, palette_images)

@@ -24,7 +24,7 @@ from utils.device import choose_device
 from utils.errors import UserError, exit_on_user_error
 from utils.images import from_batch, to_batch
 from utils.io import write_json
-from utils.metrics import bits_per_sprite, image_metrics
+from utils.metrics import image_metrics
 from utils.plots import save_png
 from utils.train import ROOT, load_model
 
@@ -86,8 +86,9 @@ def score_prepared_set(experiment, prepared, device):
     model, _, config = load_model(Path(experiment), device)
     names, images, masks = read_prepared_test_split(prepared, config["image_size"])
     rebuilt = reconstruct(model, images, device)
-    return {"set": Path(prepared).name, "images": len(names), **image_metrics(images, rebuilt, masks),
-            "bits_per_sprite": bits_per_sprite(config, images)}
+    metrics = image_metrics(images, rebuilt, masks)
+    return {"set": Path(prepared).name, "images": len(names), **metrics,
+            "bits_per_sprite": model.bits_per_sprite(config["image_size"], metrics["input_colours"])}
 
 
 def main(argv=None):

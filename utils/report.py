@@ -23,7 +23,7 @@ from utils.errors import UserError, exit_on_user_error
 from utils.fid import fid_statistics, frechet_distance, load_fid_inception, load_statistics, save_statistics
 from utils.fid_weights import resolve_fid_weights, sha1_of, weights_record
 from utils.io import atomic_path, write_json
-from utils.metrics import code_histogram_size
+from utils.metrics import code_grid_size, code_histogram_size
 
 # The experiment each training script writes by default, in the paper's order.
 DEFAULT_EXPERIMENTS = {"vae": "train_vae.py", "vqvae": "train_vqvae.py", "pixel_vqvae": "train_pixel_vqvae.py"}
@@ -95,7 +95,7 @@ class Experiment:
         _numbers(self.path / "config.json", c, ["image_size", "num_layers"] + ([] if self.is_vq else ["latent_dim"]))
         if not self.is_vq:
             return f"VAE, {c['latent_dim']}-d latent"
-        side = c["image_size"] // 2 ** c["num_layers"]
+        side = code_grid_size(c)
         pixel = c.get("adapter_layer") or c.get("pixelsight_filters", 0) > 0
         quantizer = {"residual": f", residual x{c.get('residual_depth')}",
                      "fsq": f", FSQ {c.get('fsq_levels')}"}.get(c.get("quantizer", "ema"), "")

@@ -11,7 +11,7 @@ import numpy as np
 from utils.errors import UserError
 from utils.figures import ablation_figure, rate_figure, reconstruction_figure
 from utils.io import atomic_path, write_json
-from utils.metrics import load_rgb
+from utils.metrics import code_grid_size, load_rgb
 from utils.report import reference_dir
 
 RUN_FILE = "reproduce.json"  # the plan's entry, the budget and the wall time
@@ -239,7 +239,7 @@ def write_results(results_dir):
         parts += ["## The paper's configurations", _markdown(AUTOENCODER_HEADER, autoencoder_rows(paper))]
     if ablation:
         c = next(iter(ablation.values()))[0]["config_json"]
-        side = c["image_size"] // 2 ** c["num_layers"]
+        side = code_grid_size(c)
         parts += [f"## Equal capacity: a {side}x{side} grid of {c['num_embeddings']} codes of dimension "
                   f"{c['embedding_dim']}, stage by stage",
                   _markdown(AUTOENCODER_HEADER, autoencoder_rows(ablation))]

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models import build_model, model_defaults, model_keys
+from models import build_model, model_defaults, model_keys, objective_keys
 from models.collectives import all_reduce_sum
 from models.fast import accelerate
 from models.fast.threads import cpu_has_bfloat16
@@ -27,11 +27,10 @@ from utils.data_parallel import (agreed, barrier, batch_shares, data_parallel, e
 from utils.errors import UserError, exit_on_user_error, first_sentence
 from utils.fusions import write_fusions
 from utils.io import TEMP_SUFFIX, atomic_path, exclusive_lock, remove_temp_files, write_json
-from utils.losses import loss_terms
 from utils.images import from_batch, to_batch
-from utils.metrics import (bits_per_sprite, code_histogram_size, codebook_stats, codes_per_cell, colour_counts,
-                           image_metrics)
+from utils.metrics import codebook_stats, colour_counts, image_metrics
 from utils.plots import image_grid, plot_codebook_usage, plot_losses, save_gif, save_png, upscale_nearest
+from utils.schedule import learning_rate_at
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_COUNT = 8  # validation sprites shown in samples.gif
@@ -41,6 +40,32 @@ EXPERIMENT_MARK = ".experiment"
 COUNT_CHUNK = 4096  # images whose colours are counted at once: a sort of all 48,000 takes GBs
 RESUME_KEYS = ("dataset", "seed")  # besides the architecture, what a resumed run must share
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "config", "model_type", "rng")
+
+
+# The keys every autoencoder script shares, with their defaults: where data and outputs are, and
+# how training runs. A script's config block is its model's keys and `**TRAINING`.
+TRAINING = dict(
+    output_dir="outputs",  # outputs go to <output_dir>/<experiment_name>/
+    dataset="pokemon",  # 'pokemon', a prepared data folder, or a folder or zip of your own sprites
+    image_size=64,
+    batch_size=64,  # per process: torchrun --nproc_per_node=N steps on N * batch_size images
+    sync_batchnorm=True,  # under torchrun, BatchNorm statistics of the global batch, not each process's
+    epochs=25,
+    learning_rate=1e-4,
+    lr_schedule="constant",  # or 'cosine': decay to a tenth of learning_rate over the run (utils/schedule.py)
+    warmup_steps=0,  # optimiser steps of linear warm-up to learning_rate
+    grad_clip=0.0,  # > 0: clip the autoencoder's gradient norm to this
+    plain_backgrounds_only=False,  # train on the white and black backgrounds alone, as the test split has
+    precision="fp32",  # 'bf16': bfloat16 autocast in training steps; weights, quantiser, evaluation stay float32
+    fast="auto",  # models/fast: True, False, or auto = on the CPU, where it was measured faster
+    seed=42,
+    device="auto",  # auto = cuda when present, else cpu
+    max_train_images=0,  # 0 = all; fewer for quick runs
+    resume=False,  # continue from <output_dir>/<experiment_name>/checkpoint.pt
+    overwrite=False,  # replace an existing experiment of the same name
+    num_fusions=8,  # pairs of test sprites mixed in latent space
+    fusion_steps=8,  # images in each interpolation strip
+)
 
 
 class TrainingDiverged(UserError):
@@ -106,13 +131,41 @@ def training_precision(config, device, training):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
+def adversary(model):
+    """The model's adversarial loss module (models/discriminator.py), or None."""
+    return getattr(getattr(model, "module", model), "adversarial", None)
+
+
 def make_optimizer(model, config, device):
+    """Adam over the autoencoder's parameters; a discriminator has its own (`make_discriminator_optimizer`)."""
     # The fused step updates every parameter in one kernel instead of a dozen passes per tensor.
     fused = device.type in ("cpu", "cuda")
-    return torch.optim.Adam(model.parameters(), lr=config["learning_rate"], fused=fused)
+    judge = adversary(model)
+    judged = set() if judge is None else {id(p) for p in judge.parameters()}
+    parameters = [p for p in model.parameters() if id(p) not in judged]
+    return torch.optim.Adam(parameters, lr=config["learning_rate"], fused=fused)
 
 
-def run_epoch(model, model_type, sprites, config, device, epoch, optimizer=None, keep_outputs=False):
+def make_discriminator_optimizer(model, config, device):
+    """The discriminator's Adam, with VQGAN's betas (0.5, 0.9) for the adversarial game; None without one."""
+    judge = adversary(model)
+    if judge is None:
+        return None
+    return torch.optim.Adam(judge.parameters(), lr=config["learning_rate"], betas=(0.5, 0.9),
+                            fused=device.type in ("cpu", "cuda"))
+
+
+def schedule_step(optimizers, config, step, total_steps):
+    """Set each optimiser's rate for global training `step` of `total_steps` (utils/schedule.py)."""
+    rate = learning_rate_at(step, total_steps, config["learning_rate"], config.get("lr_schedule", "constant"),
+                            config.get("warmup_steps", 0))
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+
+
+def run_epoch(model, model_type, sprites, config, device, epoch, optimizer=None, keep_outputs=False,
+              discriminator_optimizer=None):
     """One pass over `sprites`: training when an optimiser is given, else evaluation.
 
     Returns (mean loss terms, dataset-wide code histogram or None, uint8 reconstructions or None),
@@ -123,8 +176,10 @@ def run_epoch(model, model_type, sprites, config, device, epoch, optimizer=None,
     model.train(training)
     count = len(sprites)
     order = np.random.default_rng([config["seed"], epoch]).permutation(count) if training else np.arange(count)
+    # The model itself, where `model` is its data-parallel wrapper: it holds the objective.
+    core = getattr(model, "module", model)
     vq = model_type == "vqvae"
-    codes = torch.zeros(code_histogram_size(config), dtype=torch.long, device=device) if vq else None
+    codes = torch.zeros(core.code_histogram_size, dtype=torch.long, device=device) if vq else None
     sums = collections.defaultdict(lambda: torch.zeros((), device=device))
     shares = list(batch_shares(order, config["batch_size"], training))
     first_bad_step = torch.full((), len(shares), device=device)
@@ -145,18 +200,27 @@ def run_epoch(model, model_type, sprites, config, device, epoch, optimizer=None,
                         output = model(x, noise=vae_noise(size, config, device)[start:start + len(x)])
                     else:
                         output = model(x)
-                    terms = loss_terms(model_type, output, x, config)
+                    terms = core.loss_terms(x, output)
                 if training:
                     # Ranks average their gradients: weighted by its share, each rank's batch mean
                     # makes the mean over the global batch even when the shares are unequal.
+                    schedule_step([o for o in (optimizer, discriminator_optimizer) if o is not None], config,
+                                  epoch * len(shares) + step, config["epochs"] * len(shares))
                     (terms["loss"] * (len(x) * world_size() / size)).backward()
+                    if config.get("grad_clip"):
+                        torch.nn.utils.clip_grad_norm_(
+                            [p for group in optimizer.param_groups for p in group["params"]], config["grad_clip"])
                     optimizer.step()
+                    if discriminator_optimizer is not None and adversary(model).active:
+                        terms["discriminator"] = train_discriminator(adversary(model), discriminator_optimizer, x,
+                                                                     output.reconstruction, config, device)
                 for key, value in terms.items():
                     sums[key] += value.detach().float() * len(x)
                 bad = ~torch.isfinite(terms["loss"].detach())
                 first_bad_step = torch.where(bad & (first_bad_step == len(shares)), step, first_bad_step)
                 if vq:
-                    codes += torch.bincount(histogram_bins(output.indices, config), minlength=len(codes))
+                    codes += torch.bincount(histogram_bins(output.indices, core.quantizer.num_embeddings),
+                                            minlength=len(codes))
                 if keep_outputs:
                     outputs.append(from_batch(output.reconstruction))
                     kept.append(index)
@@ -185,13 +249,23 @@ def run_epoch(model, model_type, sprites, config, device, epoch, optimizer=None,
     return means, (codes.cpu().numpy() if vq else None), reconstructions
 
 
-def histogram_bins(indices, config):
+def train_discriminator(judge, optimizer, x, reconstruction, config, device):
+    """One step of the discriminator on real sprites against their reconstructions; its loss."""
+    optimizer.zero_grad(set_to_none=True)
+    with training_precision(config, device, True):
+        loss = judge.discriminator_term(x, reconstruction)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def histogram_bins(indices, num_embeddings):
     """The bins of the code histogram that `indices` fill, flat: a residual quantiser's [B, depth,
-    h, w] counts each level in its own num_embeddings bins, one level after another."""
+    h, w] counts each level in its own `num_embeddings` bins, one level after another."""
     if indices.dim() == 3:
         return indices.flatten()
-    levels = torch.arange(codes_per_cell(config), device=indices.device).reshape(1, -1, 1, 1)
-    return (indices + levels * config["num_embeddings"]).flatten()
+    levels = torch.arange(indices.shape[1], device=indices.device).reshape(1, -1, 1, 1)
+    return (indices + levels * num_embeddings).flatten()
 
 
 def vae_noise(size, config, device):
@@ -203,9 +277,11 @@ def vae_noise(size, config, device):
 
 def architecture(config, model_type):
     """The config keys a checkpoint must agree on to be loaded into this model; a key newer than
-    the checkpoint counts as its default."""
+    the checkpoint counts as its default. The objective's weights shape no tensor, so a run may
+    resume under others, as under another learning rate."""
     defaults = model_defaults(model_type)
-    return {key: config.get(key, defaults.get(key)) for key in model_keys(model_type) + ["image_size"]}
+    keys = [key for key in model_keys(model_type) if key not in objective_keys(model_type)]
+    return {key: config.get(key, defaults.get(key)) for key in keys + ["image_size"]}
 
 
 def load_checkpoint(path):
@@ -445,6 +521,18 @@ def palette_training_set(train_set, config):
     return data.SpriteSet(train_set.images[keep], train_set.masks[keep], [train_set.names[i] for i in keep])
 
 
+def plain_background_set(train_set, config):
+    """With `plain_backgrounds_only`, the training images on the plain backgrounds the test split
+    has: a 16x16 code cannot hold a noise background's random pixels, and rebuilding them would
+    take the loss of half the training images."""
+    if not config.get("plain_backgrounds_only"):
+        return train_set
+    keep = [i for i, name in enumerate(train_set.names) if data.background_of(name) in data.BACKGROUND_COLOURS]
+    if not keep:
+        raise UserError("plain_backgrounds_only: no training image is on a plain background")
+    return data.SpriteSet(train_set.images[keep], train_set.masks[keep], [train_set.names[i] for i in keep])
+
+
 def train(model_type, config, device):
     """Train, evaluate and write every output of one experiment; returns its metrics on rank 0,
     None on the other ranks (see utils/data_parallel.py)."""
@@ -468,18 +556,25 @@ def train_unlocked(model_type, config, device):
         config["dataset"], config["image_size"])), first_rank_only=True)
     seed_everything(config["seed"])
     train_set, val_set, test_set = agreed(lambda: read_splits(data_dir, config["image_size"]))
-    train_set = training_subset(palette_training_set(train_set, config), config["max_train_images"], config["seed"])
+    train_set = training_subset(plain_background_set(palette_training_set(train_set, config), config),
+                                config["max_train_images"], config["seed"])
 
     try:
         model = build_model(model_type, config).to(device, memory_format=torch.channels_last)
     except ValueError as err:
         raise UserError(f"the model config does not fit: {err}") from None
     optimizer = make_optimizer(model, config, device)
+    discriminator_optimizer = make_discriminator_optimizer(model, config, device)
+    if discriminator_optimizer is not None and world_size() > 1:
+        # Its parameters sit in the data-parallel module yet take no part in its forward pass.
+        raise UserError("adversarial_weight > 0 trains on one process only; run it without torchrun")
     history, frames, start_epoch = [], [], 0
     if resume_path:
         saved = resume_from(resume_path, model, optimizer, config, model_type)
         history, start_epoch = saved["history"], saved["epoch"] + 1
         frames = list(saved["frames"].numpy())
+        if discriminator_optimizer is not None:
+            discriminator_optimizer.load_state_dict(saved["discriminator_optimizer"])
     # `runner` holds `model`'s own parameters and buffers: checkpoints and outputs save `model`.
     runner = accelerated(model, config, device)
     trained = data_parallel(runner, device, config["sync_batchnorm"])
@@ -489,21 +584,23 @@ def train_unlocked(model_type, config, device):
     samples = pick_samples(val_set, config["seed"])
     for epoch in range(start_epoch, config["epochs"]):
         started = time.perf_counter()
-        train_terms, _, _ = run_epoch(trained, model_type, train_set, config, device, epoch, optimizer)
+        train_terms, _, _ = run_epoch(trained, model_type, train_set, config, device, epoch, optimizer,
+                                      discriminator_optimizer=discriminator_optimizer)
         seconds = time.perf_counter() - started
         same_buffers_as_first_rank(model)
         val_terms, val_codes, _ = run_epoch(runner, model_type, val_set, config, device, epoch)
         row = {"epoch": epoch + 1, "train_seconds": seconds, "train_images": len(train_set),
-               "learning_rate": config["learning_rate"]}
+               "learning_rate": config["learning_rate"], "last_learning_rate": optimizer.param_groups[0]["lr"]}
         row.update({f"train_{k}": v for k, v in train_terms.items()})
         row.update({f"val_{k}": v for k, v in val_terms.items()})
         if val_codes is not None:
-            row.update({f"val_{k}": v for k, v in codebook_stats(val_codes, codes_per_cell(config)).items()})
+            row.update({f"val_{k}": v for k, v in codebook_stats(val_codes, model.codes_per_cell).items()})
         history.append(row)
         if is_first_rank():
             frames.append(sample_frame(runner, val_set, samples, device))
+            extra = {} if discriminator_optimizer is None else {"discriminator_optimizer": discriminator_optimizer.state_dict()}
             save_checkpoint(checkpoint_path, model, optimizer, epoch, history, config, model_type,
-                            frames=torch.from_numpy(np.stack(frames)))
+                            frames=torch.from_numpy(np.stack(frames)), **extra)
         codes = f" codes {row['val_codes_used']}/{len(val_codes)}" if val_codes is not None else ""
         print(f"epoch {epoch + 1}/{config['epochs']}: train loss {train_terms['loss']:.5f}, "
               f"val loss {val_terms['loss']:.5f}{codes}, {len(train_set) / seconds:.1f} images/s")
@@ -518,9 +615,9 @@ def train_unlocked(model_type, config, device):
 
     write_reconstructions(out / "reconstructions", test_set.names, reconstructions)
     metrics = image_metrics(test_set.images, reconstructions, test_set.masks)
-    metrics["bits_per_sprite"] = bits_per_sprite(config, test_set.images)
+    metrics["bits_per_sprite"] = model.bits_per_sprite(config["image_size"], metrics["input_colours"])
     if test_codes is not None:
-        metrics.update(codebook_stats(test_codes, codes_per_cell(config)))
+        metrics.update(codebook_stats(test_codes, model.codes_per_cell))
         plot_codebook_usage(history, test_codes, out / "codebook_usage.png")
     train_seconds = sum(row["train_seconds"] for row in history)
     metrics.update({

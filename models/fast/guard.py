@@ -71,6 +71,8 @@ def problem(model: nn.Module, device: torch.device) -> str | None:
                     f"{type(module).__name__}.{attribute} that the fast path mirrors")
     if getattr(model, "palette_head", None) is not None:
         return "palette_head: the fast path decodes colours, not a choice over each sprite's palette"
+    if getattr(model, "palette_snap", False):
+        return "palette_snap: the fast path decodes colours without snapping them to each sprite's palette"
     children = {"encoder": Encoder, "decoder": Decoder}
     if type(model) is VQVAE:
         children["quantizer"] = VectorQuantizerEMA

@@ -7,6 +7,7 @@ on that module's own buffers and with its own codebook updates, k-means and rest
 import torch
 from torch import Tensor
 
+from ..losses import commitment_loss
 from ..quantizer import QuantizerOutput, VectorQuantizerEMA
 from . import kernels
 from .distinct import Repeats
@@ -53,28 +54,24 @@ def first_argmin(distances: Tensor) -> Tensor:
 
 class _StraightThrough(torch.autograd.Function):
     """The codes, with the gradient of the latents z passed straight through to z, and the
-    commitment loss: commitment_cost times the mean of (z - codes)^2, block u counted counts[u]
-    times: `z + (codes - z).detach()` and `commitment_cost * F.mse_loss(z, codes)`.
+    commitment loss of models/losses.py, block u counted counts[u] times: `z + (codes - z).detach()`
+    and `commitment_loss(z, codes, commitment_cost, counts)`.
 
-    One pass over the latents each way, where those two took five; and the decoder gets the
-    codes exactly."""
+    The backward pass is one pass over the latents, where autograd's took several; and the
+    decoder gets the codes exactly."""
 
     @staticmethod
     def forward(ctx, z, codes, counts, commitment_cost):
-        diff = z - codes
-        squares = diff.square()
-        if counts is None:
-            size, loss = diff.numel(), squares.sum()
-        else:
-            size, loss = counts.sum() * diff[0].numel(), counts @ squares.sum([1, 2, 3])
-        ctx.save_for_backward(diff, counts)
+        ctx.save_for_backward(z, codes, counts)
+        size = z.numel() if counts is None else counts.sum() * z[0].numel()
         ctx.factor = commitment_cost / size
         # A new tensor: an input returned as it is comes out as a view of that input.
-        return codes.clone(), ctx.factor * loss
+        return codes.clone(), commitment_loss(z, codes, commitment_cost, counts)
 
     @staticmethod
     def backward(ctx, grad_codes, grad_loss):
-        diff, counts = ctx.saved_tensors
+        z, codes, counts = ctx.saved_tensors
+        diff = z - codes
         slope = 2 * ctx.factor * grad_loss
         if counts is not None:
             slope = (slope * counts).view(-1, 1, 1, 1)

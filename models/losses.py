@@ -1,4 +1,7 @@
-"""Training losses: reconstruction, the Pixel VQ-VAE's optional SSIM term, and their sum."""
+"""Loss pieces the models share: the reconstruction's MSE, SSIM (the Pixel VQ-VAE's optional term)
+and the VQ commitment loss.
+
+Each model sums its own terms in its `loss_terms`; these are the pieces written once for all."""
 import functools
 
 import torch
@@ -37,29 +40,17 @@ def ssim(x, y):
     return score.mean()
 
 
-def loss_terms(model_type, output, x, config):
-    """Every loss term of one batch as tensors; 'loss' is what is minimised.
+def reconstruction_loss(reconstruction, x):
+    """The mean squared error of a reconstruction of x, in at least float32 (in bfloat16 the small
+    errors of a good reconstruction would round away)."""
+    dtype = torch.promote_types(reconstruction.dtype, torch.float32)
+    return F.mse_loss(reconstruction.to(dtype), x.to(dtype))
 
-    Kept on the device: reading them back every step would stall the pipeline."""
-    recon = F.mse_loss(output.reconstruction.float(), x.float())
-    terms = {"recon": recon}
-    if model_type == "vae":
-        terms["kl"] = output.kl
-        terms["loss"] = recon + output.kl_loss
-        return terms
-    terms["vq"] = output.vq_loss
-    image = output.reconstruction
-    if output.palette is None:
-        loss = recon + output.vq_loss
-    else:
-        # The chosen colours carry no gradient: the choice is trained by its cross-entropy, and
-        # "recon" stays the MSE of what the model outputs, comparable with the other models'.
-        terms["palette"] = output.palette.cross_entropy()
-        loss = terms["palette"] + output.vq_loss
-    if config.get("use_ssim_loss"):
-        if output.palette is not None:
-            image = output.palette.expected_colours()
-        terms["ssim"] = 1 - ssim(image, x)
-        loss = loss + config["ssim_weight"] * terms["ssim"]
-    terms["loss"] = loss
-    return terms
+
+def commitment_loss(z, codes, commitment_cost, counts=None):
+    """commitment_cost times the mean squared distance of latents z [B, D, H, W] from their codes,
+    which carry no gradient, so the loss pulls only z towards them. With `counts`, row u of z
+    stands for counts[u] latents (models/fast/distinct.py)."""
+    if counts is None:
+        return commitment_cost * F.mse_loss(z, codes)
+    return commitment_cost / (counts.sum() * z[0].numel()) * (counts @ (z - codes).square().sum([1, 2, 3]))
