@@ -1,7 +1,11 @@
-"""What issue 20's goals ask for, against a floor and what simple codes allow, on a prepared sprite set.
+"""What exact codes are up against, against a floor and what simple codes allow, on a prepared sprite set.
 
-    python bench/exact_bounds.py
-    python bench/exact_bounds.py --dataset=data/angband --codes=256 --limit=500
+    python bench/exact_bounds.py --out=docs/results/bounds/pokemon.json
+    python bench/exact_bounds.py --dataset=data/angband --codes= --out=docs/results/bounds/angband.json
+    python bench/exact_bounds.py --codes=256 --limit=500     # a quick look, written nowhere
+
+With `--out`, the figures are also written to that JSON file with the command, the processor and
+the date; docs/results/results.md quotes them from there (utils.results).
 
 1. Codes of the colour alone. A per-pixel model whose every layer is 1x1 maps each colour to a code
    whatever the sprite around it; decoded into the sprite's own palette, each code can stand for one
@@ -14,12 +18,13 @@
    which a sprite-exact figure says nothing.
 2. A lossless coder. The bits of each test image as an optimised indexed PNG and as lossless WebP
    (headers and palette included), the smaller of the two, beside the issue's 16x16 budget
-   (twice 256 codes x 10 bits) and a fixed-rate 16x16 grid of 1024 codes with its palette.
+   (twice the paper's 16x16 grid of 256 codes x 10 bits) and a fixed-rate 16x16 grid of 1024 codes with its palette.
 3. Indexed colour. Each pixel the index of its colour in the sprite's own palette, ceil(log2
    colours) bits a pixel, and the palette beside it: exact by construction, nothing learnt. The
    rate at which the per-pixel grid is met without any model, against which a per-pixel code's
    bits are to be read.
 """
+import datetime
 import io
 import sys
 import time
@@ -33,16 +38,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.quantizer import kmeans, nearest_code  # noqa: E402
 from utils.config import parse_config  # noqa: E402
 from utils.data import SpriteSet, load_split, resolve_dataset  # noqa: E402
+from utils.device import describe_machine  # noqa: E402
+from utils.io import write_json  # noqa: E402
 from utils.metrics import BITS_PER_COLOUR, colour_counts, colour_keys  # noqa: E402
 
 config = dict(
     dataset="pokemon",  # 'pokemon' or a prepared data folder (an evaluation set's k-means needs a train split)
-    codes="256,1024",  # codebook sizes of the colour-only bound
+    codes="256,1024",  # codebook sizes of the colour-only bound ('' = none: a set without a train split)
     sample_pixels=200_000,  # training sprite pixels the k-means sees
     limit=0,  # test images scored, evenly spread through the split; 0 = all
     seed=0,
+    out="",  # a JSON file the figures are also written to ('' = print only)
 )
-BUDGET_16X16 = 2 * 256 * 10  # issue 20: twice the paper's 16x16 Pixel VQ-VAE, side information counted
+BUDGET_16X16 = 2 * 256 * 10  # twice the paper's 16x16 Pixel VQ-VAE, side information counted
 
 
 def training_pixels(train, count, rng):
@@ -111,26 +119,40 @@ def main(argv):
     torch.manual_seed(cfg["seed"])
     print(f"{len(test)} test images of {folder}")
     colour, share = commonest_colour(test)
+    figures = {"test_images": len(test), "floor_colour": f"#{colour:06x}", "floor_sprite_exact": share}
     print(f"one colour everywhere: {100 * share:.1f}% of sprite pixels are #{colour:06x}, the commonest")
     indexed = indexed_bits(test.images)
+    figures.update(indexed_bits_mean=indexed.mean(), indexed_bits_median=np.median(indexed))
     print(f"indexed colour, a palette index a pixel: 100% exact at mean {indexed.mean():.0f} bits, median "
           f"{np.median(indexed):.0f}")
-    train = load_split(folder, "train")
-    sample = training_pixels(train, cfg["sample_pixels"], rng)
-    for k in (int(part) for part in str(cfg["codes"]).split(",")):
+    figures["colour_code_bound"] = {}
+    sizes = [int(part) for part in str(cfg["codes"]).split(",") if part]
+    # An evaluation set has no train split to draw the k-means from: --codes= leaves the bound out.
+    sample = training_pixels(load_split(folder, "train"), cfg["sample_pixels"], rng) if sizes else None
+    for k in sizes:
         start = time.perf_counter()
         share = colour_code_bound(test, kmeans(sample, k))
+        figures["colour_code_bound"][str(k)] = share
         print(f"colour-only codes, {k}: at most {100 * share:.1f}% of sprite pixels exact "
               f"({time.perf_counter() - start:.0f} s)")
     start = time.perf_counter()
     bits = np.array([lossless_bits(image) for image in test.images])
     palette = BITS_PER_COLOUR * colour_counts(test.images)
     grid = 256 * 10 + palette
+    figures.update(budget_16x16=BUDGET_16X16, lossless_bits_mean=bits.mean(), lossless_bits_median=np.median(bits),
+                   lossless_within_budget=(bits <= BUDGET_16X16).mean(), palette_bits_mean=palette.mean(),
+                   grid_16x16_bits_mean=grid.mean(), grid_16x16_within_budget=(grid <= BUDGET_16X16).mean())
     print(f"lossless (best of indexed PNG and WebP): median {np.median(bits):.0f} bits, mean {bits.mean():.0f}; "
           f"{100 * (bits <= BUDGET_16X16).mean():.1f}% of images fit the 16x16 budget of {BUDGET_16X16} "
           f"({time.perf_counter() - start:.0f} s)")
     print(f"palette at {BITS_PER_COLOUR} bits a colour: mean {palette.mean():.0f} bits; a 16x16 grid of 1024 "
           f"codes with it: mean {grid.mean():.0f} bits, {100 * (grid <= BUDGET_16X16).mean():.1f}% within the budget")
+    if cfg["out"]:
+        write_json(Path(cfg["out"]), {
+            "command": " ".join(["python bench/exact_bounds.py", *argv]), "dataset": Path(folder).name,
+            "machine": describe_machine(torch.device("cpu")), "date": datetime.date.today().isoformat(),
+            **{key: value if isinstance(value, (str, dict, int)) else float(value) for key, value in figures.items()}})
+        print(f"wrote {cfg['out']}")
 
 
 if __name__ == "__main__":

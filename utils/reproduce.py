@@ -33,7 +33,7 @@ from utils.fid_weights import resolve_fid_weights
 from utils.io import write_json
 from utils.reconstruct import score_prepared_set
 from utils.report import DEFAULT_FID, load_experiments, update_fids
-from utils.results import OOD_FILE, RUN_FILE, publish, write_results
+from utils.results import OOD_FILE, RUN_FILE, publish, write_readme_block, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 LOG_DIR = ".reproduce"  # a dot folder: utils.report and the scripts' folder checks pass it by
@@ -43,6 +43,8 @@ RUN_KEYS = ("resume", "overwrite")
 # Where this machine keeps outputs and weights: another machine's published run differs only there.
 PLACE_KEYS = ("output_dir", "fid_weights")
 DEFAULT_OOD = ROOT / "data" / "angband"
+DEFAULT_RESULTS = ROOT / "docs" / "results"
+README = ROOT / "README.md"  # its results block is written from DEFAULT_RESULTS alone
 
 
 @functools.cache
@@ -241,7 +243,7 @@ def parse_args(argv):
     parser.add_argument("--tables-only", action="store_true",
                         help="rebuild RESULTS/results.md and its figures from RESULTS alone; run nothing")
     parser.add_argument("--outputs", type=Path, default=ROOT / "outputs")
-    parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results")
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     parser.add_argument("--dataset", default="pokemon", help="'pokemon' or a prepared data folder")
     parser.add_argument("--fid-weights", type=Path, default=None, metavar="PATH",
                         help="FID Inception weights (default: as python -m utils.fid)")
@@ -271,6 +273,9 @@ def reproduce(args):
     """Run what is not finished; returns the exit status."""
     if args.tables_only:
         print(f"wrote {write_results(args.results)}")
+        if args.results == DEFAULT_RESULTS.resolve():
+            write_readme_block(README, args.results)
+            print(f"wrote the results block of {README}")
         return 0
     if args.fid_weights is not None:
         resolve_fid_weights(args.fid_weights)

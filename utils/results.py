@@ -226,55 +226,323 @@ def caption(results):
             "nearest colour of the input sprite's own palette, which costs 24 bits a colour beside the codes.")
 
 
+BOUNDS_DIR = "bounds"  # bench/exact_bounds.py --out=RESULTS/bounds/<set>.json: floors, bounds and codec rates
+README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
+SAME = "not distinguishable"
+
+
+def load_bounds(results_dir):
+    """{set: the figures bench/exact_bounds.py wrote for it}, from RESULTS/bounds/*.json."""
+    folder = Path(results_dir) / BOUNDS_DIR
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
+
+
+def value_of(run, key):
+    """A run's figure by name: a metrics.json key, 'fid', or 'val_loss' (its last epoch's)."""
+    if key == "fid":
+        return fid_of(run)
+    if key == "val_loss":
+        history = _read(run["path"] / "history.json") or [{}]
+        return history[-1].get("val_loss")
+    return run["metrics"].get(key)
+
+
+def missing_keys(run, results):
+    """The config keys `run` lacks that other published runs of its script have: a run of older
+    code, before those keys existed, reads as such."""
+    keys = set().union(*(r["config_json"] for r in results if r["script"] == run["script"]))
+    return sorted(keys - set(run["config_json"]))
+
+
+def machines_of(runs):
+    """'seed 1, 2: <processor>; seed 42: not recorded', from each run's reproduce.json."""
+    by_machine = {}
+    for r in runs:
+        by_machine.setdefault(", ".join(r.get("machines") or ["not recorded"]), {})[str(r["seed"])] = None
+    return "; ".join(f"seed {', '.join(seeds)}: {machine}" for machine, seeds in by_machine.items())
+
+
+def length_of(run):
+    c = run["config_json"]
+    return (run["metrics"].get("epochs"), c.get("learning_rate"), c.get("max_train_images"))
+
+
+def compare(a, b, key, results, lower_is_better=False):
+    """Whether configuration `a`'s runs beat `b`'s on `key`: 'better', 'worse' or SAME, with the
+    reason and the seed ranges. A difference is claimed only between runs of the same code (no
+    config key missing) and the same length, at two seeds or more each, whose min-max ranges do
+    not overlap."""
+    current = [[r for r in runs if not missing_keys(r, results) and value_of(r, key) is not None] for runs in (a, b)]
+    dropped = sorted({r["seed"] for r in [*a, *b]} - {r["seed"] for r in [*current[0], *current[1]]})
+    ranges = [(min(value_of(r, key) for r in runs), max(value_of(r, key) for r in runs)) if runs else None
+              for runs in current]
+    outcome = {"verdict": SAME, "ranges": ranges, "seeds": [[r["seed"] for r in runs] for runs in current],
+               "dropped": dropped}
+    if min(map(len, current)) < 2:
+        return {**outcome, "reason": "fewer than two seeds of the same code"}
+    if len({length_of(r) for r in [*current[0], *current[1]]}) > 1:
+        return {**outcome, "reason": "different training lengths"}
+    (a_low, a_high), (b_low, b_high) = ranges
+    if a_low > b_high or a_high < b_low:
+        higher = a_low > b_high
+        return {**outcome, "verdict": "better" if higher != lower_is_better else "worse",
+                "reason": "the seed ranges do not overlap"}
+    return {**outcome, "reason": "the seed ranges overlap"}
+
+
+def _range_text(bounds, digits, scale, suffix):
+    low, high = bounds
+    return f"{low * scale:.{digits}f}{suffix}" if low == high else \
+        f"{low * scale:.{digits}f}–{high * scale:.{digits}f}{suffix}"
+
+
+METRICS = {  # key: (name, digits, scale, suffix, lower is better)
+    "ssim": ("SSIM", 3, 1, "", False), "mse": ("test MSE", 5, 1, "", True),
+    "sprite_exact_pixel_rate": ("sprite exact pixels", 1, 100, "%", False),
+    "palette_exact_pixel_rate": ("palette-exact pixels", 1, 100, "%", False),
+    "fid": ("FID", 1, 1, "", True), "val_loss": ("final validation loss", 3, 1, "", True),
+}
+
+
+def comparison_sentence(a, b, key, results):
+    """One sentence: `a` against `b` on `key`, with the seeds, their ranges and the verdict."""
+    name, digits, scale, suffix, lower = METRICS[key]
+    outcome = compare(a, b, key, results, lower)
+    sides = [f"{runs[0]['label']} ({_range_text(r, digits, scale, suffix)}, seeds "
+             f"{', '.join(map(str, seeds))})" if r else f"{runs[0]['label']} (no seed of the same code)"
+             for runs, r, seeds in zip((a, b), outcome["ranges"], outcome["seeds"])]
+    verdict = outcome["verdict"] if outcome["verdict"] == SAME else f"{outcome['verdict']} ({'lower' if lower else 'higher'} is better)"
+    return f"{name}: {sides[0]} against {sides[1]}: {verdict}, {outcome['reason']}."
+
+
+def _percent(share, digits=1):
+    return f"{100 * share:.{digits}f}%"
+
+
+def _runs_text(runs):
+    return f"seed{'s' if len(runs) > 1 else ''} {', '.join(str(r['seed']) for r in runs)}"
+
+
+def setup_section(results, groups):
+    """Data, split, budgets and machines, from the published files."""
+    rows = []
+    for group, configs in groups.items():
+        for config, runs in configs.items():
+            c, m = runs[0]["config_json"], runs[0]["metrics"]
+            history = _read(runs[0]["path"] / "history.json") or [{}]
+            images = history[0].get("train_images", history[0].get("train_grids"))
+            rows.append([f"{runs[0]['label']} (`{config}`)", group, _runs_text(runs), str(m.get("epochs")),
+                         f"{c.get('learning_rate')}", "-" if images is None else f"{images:,}", machines_of(runs)])
+    tests = sorted({r["metrics"]["test_images"] for r in results if "test_images" in (r["metrics"] or {})})
+    text = (f"Every autoencoder is scored on the {', '.join(f'{t:,}' for t in tests)} images of the test split, "
+            "whose species none of the training images share (the split is by species, data/README.md). The "
+            "processor each run trained on is the one its `reproduce.json` records (`machines`); the same "
+            "seed trains to other numbers on another processor.")
+    header = ("configuration", "group", "seeds", "epochs", "learning rate", "training images an epoch", "processor")
+    return ["## Setup", caption(results), text, _markdown(header, rows)]
+
+
+def paper_section(paper, results, bounds):
+    parts = ["## 1. The paper's comparison", "Each script at its defaults but for the budget's length.",
+             _markdown(AUTOENCODER_HEADER, autoencoder_rows(paper))]
+    runs = [r for config in paper.values() for r in config]
+    epochs = sorted({r["metrics"]["epochs"] for r in runs})
+    seeds = sorted({r["seed"] for r in runs})
+    text = (f"Conclusion: {_runs_text([{'seed': s} for s in seeds])}, "
+            f"{'different lengths (' + ', '.join(map(str, epochs)) + ' epochs)' if len(epochs) > 1 else 'one length'}: "
+            "by this report's rule no difference in this table is distinguishable, however large.")
+    bits = sorted({r["metrics"]["bits_per_sprite"] for r in runs if r["metrics"]["bits_per_sprite"]})
+    if len(bits) > 1:
+        text += f" The largest code costs {bits[-1] / bits[0]:.0f} times the bits of the smallest."
+    floor = bounds.get(runs[0]["config_json"].get("dataset"), {}).get("floor_sprite_exact")
+    if floor is not None:
+        at_floor = [r["label"] for r in runs if abs(r["metrics"]["sprite_exact_pixel_rate"] - floor) < 0.0005]
+        if at_floor:
+            text += (f" {', '.join(at_floor)} keeps {_percent(floor)} of sprite pixels exact: the one-colour floor "
+                     f"(every sprite pixel {bounds[runs[0]['config_json']['dataset']]['floor_colour']}) to within 0.05 points.")
+    return parts + [text]
+
+
+def ablation_section(ablation, results):
+    side_config = next(iter(ablation.values()))[0]["config_json"]
+    side = code_grid_size(side_config)
+    parts = [f"## 2. The ablation: a {side}x{side} grid of {side_config['num_embeddings']} codes of dimension "
+             f"{side_config['embedding_dim']}, stage by stage", _markdown(AUTOENCODER_HEADER, autoencoder_rows(ablation)),
+             "![the ablation, stage by stage (mean and sd over seeds)](ablation.png)"]
+    runs = [r for config in ablation.values() for r in config]
+    older = sorted({r["seed"] for r in runs if missing_keys(r, results)})
+    if older:
+        lacking = sorted({k for r in runs for k in missing_keys(r, results)})
+        parts.append(f"Seed{'s' if len(older) > 1 else ''} {', '.join(map(str, older))} ran older code (its configs "
+                     f"lack {', '.join(f'`{k}`' for k in lacking)}); the processors: {machines_of(runs)}. The mean ± sd "
+                     "above mixes code and machine with the seed; the comparisons below leave those runs out.")
+    stages = list(ablation.values())
+    lines = [f"- {stage[0]['label']} against {stages[0][0]['label']}: " +
+             " ".join(comparison_sentence(stage, stages[0], key, results) for key in ("ssim", "mse", "sprite_exact_pixel_rate", "fid"))
+             for stage in stages[1:]]
+    return parts + ["Conclusions, each stage against the first (same code, same length, seed ranges):", "\n".join(lines)]
+
+
+def exact_section(exact, results, bounds):
+    parts = ["## 3. Exact codes (bits per sprite count the palette)", _markdown(AUTOENCODER_HEADER, autoencoder_rows(exact)),
+             "![sprite-pixel exactness and SSIM against bits per sprite](rate_exactness.png)"]
+    dataset = next(iter(exact.values()))[0]["config_json"].get("dataset")
+    bound = bounds.get(dataset)
+    if bound is not None:
+        rows = [["one colour everywhere (the floor)", "0", _percent(bound["floor_sprite_exact"])],
+                *[[f"codes of the colour alone, {k} codes (at most)", "-", _percent(v)] for k, v in bound["colour_code_bound"].items()],
+                ["indexed colour: a palette index a pixel and the palette", f"{bound['indexed_bits_mean']:.0f}", "100.0%"],
+                ["lossless coder (best of indexed PNG and WebP)", f"{bound['lossless_bits_mean']:.0f}", "100.0%"]]
+        parts += [f"What no learnt code is needed for, on the same {bound['test_images']:,} test images "
+                  f"(`{BOUNDS_DIR}/{dataset}.json`: `{bound['command']}`, {bound['machine']}, {bound['date']}); "
+                  f"mean bits per sprite. The lossless coder fits a {bound['budget_16x16']:.0f}-bit budget on "
+                  f"{_percent(bound['lossless_within_budget'])} of the images.",
+                  _markdown(("reference", "bits per sprite", "sprite exact pixels"), rows)]
+        above = [runs for runs in exact.values()
+                 if len(runs) > 1 and min(r["metrics"]["sprite_exact_pixel_rate"] for r in runs) > bound["floor_sprite_exact"]]
+        parts.append(f"Above the floor of {_percent(bound['floor_sprite_exact'])} on every seed: "
+                     + (", ".join(f"{runs[0]['label']} (lowest seed {_percent(min(r['metrics']['sprite_exact_pixel_rate'] for r in runs))})"
+                                  for runs in above) or "none") + ".")
+    pairs = [(exact[with_context], exact[without]) for with_context, without in
+             (("exact_palette_context_pixel_vqvae", "exact_palette_pixel_vqvae"),
+              ("exact_palette_context_per_pixel", "exact_palette_per_pixel")) if with_context in exact and without in exact]
+    if pairs:
+        parts += ["Palette context, each with against without:",
+                  "\n".join("- " + " ".join(comparison_sentence(a, b, key, results) for key in ("sprite_exact_pixel_rate", "val_loss"))
+                            for a, b in pairs)]
+    return parts
+
+
+def downstream_section(priors):
+    parts = ["## 4. Downstream: the same PixelCNN prior over each model's codes", _markdown(PRIOR_HEADER, prior_rows(priors))]
+    lines = []
+    for runs in priors.values():
+        nearest = _read(runs[0]["path"] / "samples" / "nearest.json") or []
+        noisy = sum("__noise" in n["nearest_training_image"] for n in nearest)
+        lines.append(f"- {runs[0]['label']}: {_runs_text(runs)}, {runs[0]['metrics']['epochs']} epoch(s); "
+                     f"{noisy:,} of {len(nearest):,} samples have a training image on a noise background as their nearest.")
+        if (runs[0]["path"] / "nearest_grid.png").is_file():
+            parts.append(f"![{runs[0]['label']}: rows of samples over their nearest training images]"
+                         f"({runs[0]['name']}/nearest_grid.png)")
+    return parts + ["Conclusion: one prior a model, over one seed's model, so no FID difference here is "
+                    "distinguishable; the share of samples on noise backgrounds differs between the priors and "
+                    "moves FID on its own:", "\n".join(lines)]
+
+
+def ood_section(results, bounds):
+    parts = []
+    for name, (images, rows) in ood_tables(results).items():
+        parts += [f"## 5. Out of domain: the {images:,} test images of `{name}`, never trained on (bits per sprite "
+                  "count that set's palettes)", _markdown(OOD_HEADER, rows)]
+        bound = bounds.get(name)
+        if bound is not None:
+            scored = {}
+            for r in results:
+                if r["ood"] is not None and r["ood"]["set"] == name:
+                    scored.setdefault(r["config"], []).append(r)
+            above = [runs for runs in scored.values() if len(runs) > 1 and
+                     min(r["ood"]["sprite_exact_pixel_rate"] for r in runs) > bound["floor_sprite_exact"]]
+            parts.append(f"The floor there, every sprite pixel {bound['floor_colour']}, is "
+                         f"{_percent(bound['floor_sprite_exact'])} (`{BOUNDS_DIR}/{name}.json`); indexed colour keeps "
+                         f"every pixel at a mean {bound['indexed_bits_mean']:.0f} bits. Above the floor on every "
+                         "seed scored: " + (", ".join(f"{runs[0]['label']} ({_runs_text(runs)})" for runs in above) or "none") + ".")
+    return parts
+
+
+def limits_section(results, ablation):
+    ablation_labels = [runs[0]["label"] for runs in ablation.values()]
+    lines = ["- Nothing here is at the paper's length: every run is at the budget above "
+             f"({', '.join(sorted({r['budget'] for r in results}))}).",
+             "- A seed range of two or three seeds is not a confidence interval; a difference called out above "
+             "may still not hold at more seeds."]
+    if ablation_labels and not any("VQ-VAE + SSIM" in label for label in ablation_labels):
+        lines.append("- The SSIM term was run on the Pixel VQ-VAE only: no plain VQ-VAE trained with it, so what the "
+                     "term does cannot be told apart from what the architecture does with it.")
+    lines.append("- The priors' FIDs rest on one prior over one seed's model, each scored on 1,000 samples or fewer.")
+    lines.append("- Sprites of other games are one set (the out-of-domain section), of tiles rather than sprites.")
+    return ["## What this does not show", "\n".join(lines)]
+
+
+def headline_block(results_dir):
+    """The README's results table: a few rows, each from the published files, linked into results.md."""
+    results = load_results(results_dir)
+    bounds = load_bounds(results_dir)
+    wanted = ("paper_pixel_vqvae", "paper_vqvae", "paper_vae", "ablation_vqvae", "ablation_pixel_vqvae_ssim",
+              "exact_palette_pixel_vqvae", "exact_palette_per_pixel")
+    configs = {}
+    for group in ("paper", "ablation", "exact"):
+        configs.update(by_config(results, group))
+    rows = []
+    for config in wanted:
+        if config in configs:
+            runs = configs[config]
+            bits = runs[0]["metrics"]["bits_per_sprite"]
+            rows.append([f"{runs[0]['group']}: {runs[0]['label']}", ", ".join(str(r["seed"]) for r in runs),
+                         "-" if bits is None else f"{bits:,.0f}", str(runs[0]["metrics"]["epochs"]),
+                         _cell([r["metrics"]["ssim"] for r in runs], 3),
+                         _cell([r["metrics"]["sprite_exact_pixel_rate"] for r in runs], 1, 100, "%"),
+                         _cell([fid_of(r) for r in runs], 1)])
+    if "pokemon" in bounds:
+        b = bounds["pokemon"]
+        rows += [["reference: one colour everywhere (the floor)", "-", "0", "-", "-", _percent(b["floor_sprite_exact"]), "-"],
+                 ["reference: indexed colour, nothing learnt", "-", f"{b['indexed_bits_mean']:,.0f}", "-", "1", "100.0%", "-"]]
+    header = ("model", "seeds", "bits per sprite", "epochs", "SSIM", "sprite pixels exact", "FID")
+    table = "\n".join("| " + " | ".join(row) + " |" for row in [list(header), [":--", ":--"] + ["--:"] * 5] + rows)
+    return "\n".join([README_BEGIN, table, README_END])
+
+
+def write_readme_block(readme, results_dir):
+    """Replace the block between README_BEGIN and README_END of `readme` with `headline_block`."""
+    text = Path(readme).read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise UserError(f"{readme} has no {README_BEGIN} ... {README_END} block to write the results into")
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    with atomic_path(Path(readme)) as tmp:
+        tmp.write_text(head + headline_block(results_dir) + tail)
+
+
 def write_results(results_dir):
-    """RESULTS/results.md and its figures, from the published experiments alone; returns its path."""
+    """RESULTS/results.md and its figures, from the published experiments and RESULTS/bounds alone;
+    returns its path."""
     results = load_results(results_dir)
     results_dir = Path(results_dir)
     if not results:
         raise UserError(f"{results_dir} holds no published experiment (no */{RUN_FILE}); run python -m utils.reproduce")
+    bounds = load_bounds(results_dir)
     paper, ablation = by_config(results, "paper"), by_config(results, "ablation")
     priors, exact = by_config(results, "downstream"), by_config(results, "exact")
-    parts = ["# Results of `python -m utils.reproduce`", caption(results)]
-    if paper:
-        parts += ["## The paper's configurations", _markdown(AUTOENCODER_HEADER, autoencoder_rows(paper))]
-    if ablation:
-        c = next(iter(ablation.values()))[0]["config_json"]
-        side = code_grid_size(c)
-        parts += [f"## Equal capacity: a {side}x{side} grid of {c['num_embeddings']} codes of dimension "
-                  f"{c['embedding_dim']}, stage by stage",
-                  _markdown(AUTOENCODER_HEADER, autoencoder_rows(ablation))]
-    if exact:
-        parts += ["## Beyond the paper: codes that keep pixel art exact (bits per sprite count the palette)",
-                  _markdown(AUTOENCODER_HEADER, autoencoder_rows(exact))]
-    for name, (images, rows) in ood_tables(results).items():
-        parts += [f"## Out of domain: the {images:,} test images of `{name}`, never trained on (bits per sprite "
-                  "count that set's palettes)", _markdown(OOD_HEADER, rows)]
-    if priors:
-        parts += ["## Downstream: the same PixelCNN prior over each model's codes",
-                  _markdown(PRIOR_HEADER, prior_rows(priors))]
-    parts += ["## Wall time of each experiment", _markdown(TIME_HEADER, time_rows(results)), "## Figures"]
-    figures = []
+    groups = {name: configs for name, configs in (("paper", paper), ("ablation", ablation), ("exact", exact),
+                                                   ("downstream", priors)) if configs}
+    parts = ["# Results of `python -m utils.reproduce`",
+             "Every number below is computed from the files in this folder by `python -m utils.reproduce "
+             "--tables-only`. A difference is claimed only between runs of the same code and length whose seed "
+             f"ranges (min to max) do not overlap; otherwise it is \"{SAME}\"."]
+    parts += setup_section(results, groups)
     shown = [(f"{r['group']}: {r['label']}", *shown_images(r, results_dir / TEST_SPRITES)) for r in first_seeds(results)]
     if shown:
         reconstruction_figure(shown, results_dir / "reconstructions.png")
-        figures.append(("the same test sprites (top row) reconstructed by every model, first seed",
-                        "reconstructions.png"))
-    points = [(f"{runs[0]['group']}: {runs[0]['label']}", runs[0]["metrics"]["bits_per_sprite"],
-               spread([r["metrics"]["sprite_exact_pixel_rate"] for r in runs]),
-               spread([r["metrics"]["ssim"] for r in runs])) for runs in [*paper.values(), *ablation.values(), *exact.values()]]
-    if rate_figure(points, results_dir / "rate_exactness.png"):
-        figures.append(("sprite-pixel exactness and SSIM against bits per sprite (mean and sd over seeds; "
-                        "the VAE has no bit count and is left out)", "rate_exactness.png"))
+        parts.append("![the same test sprites (top row) reconstructed by every model, first seed](reconstructions.png)")
+    if paper:
+        parts += paper_section(paper, results, bounds)
     if ablation:
+        parts += ablation_section(ablation, results)
         stages = [(runs[0]["label"], {name: spread([r["metrics"][key] for r in runs]) for name, key in ABLATION_BARS})
                   for runs in ablation.values()]
         ablation_figure(stages, results_dir / "ablation.png")
-        figures.append(("the ablation, stage by stage (mean and sd over seeds)", "ablation.png"))
-    for runs in priors.values():
-        if (runs[0]["path"] / "nearest_grid.png").is_file():
-            figures.append((f"{runs[0]['label']}: rows of samples over their nearest training images",
-                            f"{runs[0]['name']}/nearest_grid.png"))
-    parts += [f"![{label}]({path})\n\n{label}" for label, path in figures]
+    points = [(f"{runs[0]['group']}: {runs[0]['label']}", runs[0]["metrics"]["bits_per_sprite"],
+               spread([r["metrics"]["sprite_exact_pixel_rate"] for r in runs]),
+               spread([r["metrics"]["ssim"] for r in runs])) for runs in [*paper.values(), *ablation.values(), *exact.values()]]
+    drawn = rate_figure(points, results_dir / "rate_exactness.png")
+    if exact:
+        parts += exact_section(exact, results, bounds)
+        if not drawn:
+            parts = [p for p in parts if "rate_exactness.png" not in p]
+    if priors:
+        parts += downstream_section(priors)
+    parts += ood_section(results, bounds)
+    parts += limits_section(results, ablation)
+    parts += ["## Wall time of each experiment", _markdown(TIME_HEADER, time_rows(results))]
     path = results_dir / "results.md"
     with atomic_path(path) as tmp:
         tmp.write_text("\n\n".join(parts) + "\n")
