@@ -58,7 +58,9 @@ def test_smoke_plan_holds_every_group_at_equal_capacity():
                      "exact_residual_pixel_vqvae_s42", "exact_fsq_pixel_vqvae_s42", "exact_palette_vqvae_s42",
                      "exact_palette_pixel_vqvae_s42", "exact_palette_per_pixel_s42",
                      "exact_palette_context_pixel_vqvae_s42", "exact_palette_context_per_pixel_s42",
-                     "prior_palette_pixel_vqvae_s42"]
+                     "prior_palette_pixel_vqvae_s42", "tokenizer_tokenizer_s42", "tokenizer_paper_pixel_vqvae_s42",
+                     "tokenizer_adapter_s42", "tokenizer_pixelsight_s42", "tokenizer_ssim_s42",
+                     "tokenizer_vqvae_ssim_s42"]
     ablation = {e["config"]: {**script_defaults(e["script"]), **e["overrides"]} for e in entries
                 if e["group"] == "ablation"}
     # Every stage has the same grid and codebook; each adds its switch to the stage before.
@@ -86,9 +88,10 @@ def test_cpu_and_paper_budgets_keep_one_budget_per_group_and_draw_1000_samples()
     assert all("epochs" not in e["overrides"] for e in paper)
     cpu = planned.plan("cpu", list(planned.SEEDS), script_defaults)
     # The paper's comparison takes about 6.5 hours; the exact codes of issue 20 add about twelve.
-    comparison = [e for e in cpu if e["group"] != "exact" and not any(n.startswith("exact_") for n in e["needs"])]
+    comparison = [e for e in cpu if e["group"] not in ("exact", "tokenizer")
+                  and not any(n.startswith("exact_") for n in e["needs"])]
     assert sum(e["estimate_minutes"] for e in comparison) <= 7 * 60
-    assert sum(e["estimate_minutes"] for e in cpu) <= 20 * 60
+    assert sum(e["estimate_minutes"] for e in cpu if e["group"] != "tokenizer") <= 20 * 60
     exact = {e["config"]: {**script_defaults(e["script"]), **e["overrides"]} for e in cpu if e["group"] == "exact"}
     assert sum(c["palette_output"] for c in exact.values()) == 5 and len(exact) == 7
     assert [name for name, c in exact.items() if c["palette_context"]] == ["exact_palette_context_pixel_vqvae",
@@ -274,3 +277,18 @@ def test_an_out_of_domain_folder_that_is_not_prepared_is_refused_in_one_line(tmp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --ood") and "not a prepared set" in err[0]
     assert not any(tmp_path.iterdir())
+
+
+def test_the_tokenizer_and_the_papers_16x16_model_train_the_same_length_on_the_same_grid():
+    cpu = planned.plan("cpu", list(planned.SEEDS), script_defaults)
+    runs = {e["name"]: {**script_defaults(e["script"]), **e["overrides"]} for e in cpu if e["group"] == "tokenizer"}
+    assert len(runs) == 6 * 3
+    # The comparison that a cut keeps comes first: both models at every seed, then the ablation over it.
+    assert list(runs)[:6] == [f"tokenizer_{c}_s{s}" for c in ("tokenizer", "paper_pixel_vqvae") for s in (42, 1, 2)]
+    keys = ("num_layers", "num_embeddings", "embedding_dim", "epochs", "learning_rate", "lr_schedule",
+            "warmup_steps", "grad_clip", "plain_backgrounds_only", "batch_size")
+    assert len({tuple(c[k] for k in keys) for c in runs.values()}) == 1
+    tokenizer, paper = runs["tokenizer_tokenizer_s42"], runs["tokenizer_paper_pixel_vqvae_s42"]
+    assert (tokenizer["architecture"], paper["architecture"]) == ("residual", "paper")
+    assert paper["adapter_layer"] and paper["pixelsight_filters"] == 512
+    assert bits_per_sprite(paper) == 2560
