@@ -268,9 +268,10 @@ def test_resume_with_another_dataset_or_seed_is_refused_naming_them(experiment, 
     other = tmp_path / "other_data"
     shutil.copytree(tiny_data, other)
     line = refusal(run(experiment.parent, other, "--resume=True", "--seed=7"))
-    assert line == (f"error: checkpoint {(experiment / 'checkpoint.pt').resolve()} was trained on other data: "
+    assert line == (f"error: checkpoint {(experiment / 'checkpoint.pt').resolve()} was trained with other settings: "
                     f"dataset (checkpoint {str(tiny_data)!r}, config {str(other)!r}), seed (checkpoint 42, config 7); "
-                    "start a new experiment for them")
+                    "a resume may change only epochs, learning_rate, device, fast, output_dir, experiment_name, "
+                    "num_fusions, fusion_steps, num_samples, temperature, fid_weights; start a new experiment for them")
     assert files(experiment) == before
 
 

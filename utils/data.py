@@ -398,8 +398,13 @@ def split_species(species, options):
     order = np.random.default_rng(options.seed).permutation(len(species))
     n_val = round(len(species) * options.val_fraction)
     n_test = round(len(species) * options.test_fraction)
-    if len(species) - n_val - n_test < 1:
-        raise UserError(f"only {len(species)} species: too few to split into train, val and test")
+    if len(species) - n_val - n_test < 1 or (n_val == 0 < options.val_fraction) or (n_test == 0 < options.test_fraction):
+        needed = next(n for n in range(3, 10**6) if round(n * options.val_fraction) >= (options.val_fraction > 0)
+                      and round(n * options.test_fraction) >= (options.test_fraction > 0)
+                      and n - round(n * options.val_fraction) - round(n * options.test_fraction) >= 1)
+        raise UserError(f"only {len(species)} species: too few to split into train, val and test (with val "
+                        f"fraction {options.val_fraction} and test fraction {options.test_fraction} a split of "
+                        f"at least one species each needs {needed} species; a species is a sprite's first folder)")
     shuffled = [species[i] for i in order]
     return {"val": sorted(shuffled[:n_val]), "test": sorted(shuffled[n_val:n_val + n_test]),
             "train": sorted(shuffled[n_val + n_test:])}
@@ -426,10 +431,10 @@ def _collect(files, options, log):
     return sprites, skipped, centre_cropped
 
 
-def _source_record(source, root, fetched):
+def _source_record(source, root, fetched, fingerprint):
     if source is None:
         return json.loads((root / "SOURCE.json").read_text())
-    return {"path": str(Path(source).resolve()), **(fetched or {})}
+    return {"path": str(Path(source).resolve()), **(fetched or {}), "fingerprint": fingerprint}
 
 
 def own_sprites_folder(source):
@@ -456,12 +461,51 @@ def load_manifest(folder):
     return manifest
 
 
+def prepared_entries():
+    """The names prepare writes into its output folder, and nothing else."""
+    return {"manifest.json", *SPLITS, *(f"{split}_{part}" for split in SPLITS
+                                      for part in ("images.npy", "masks.npy", "names.json"))}
+
+
 def _check_out_dir(out_dir):
-    """Only an empty folder or a set this code prepared may be replaced by a new one."""
-    if out_dir.exists() and not (out_dir / "manifest.json").is_file() and not (
-            out_dir.is_dir() and not any(out_dir.iterdir())):
-        raise UserError(f"{out_dir} exists and is not a data set this project prepared (it holds no "
-                        "manifest.json); it is left alone: choose another --out")
+    """Only an empty folder or a set this code prepared may be replaced by a new one: a folder
+    holding a manifest.json among other things (a web app's) is not one, even with --force."""
+    if not out_dir.exists():
+        return
+    entries = {p.name for p in out_dir.iterdir()} if out_dir.is_dir() else None
+    ours = entries is not None and (not entries or (
+        "manifest.json" in entries and entries <= prepared_entries() and len(entries) > 1))
+    if not ours:
+        why = "it holds no manifest.json" if entries is None or "manifest.json" not in entries else (
+            "it holds " + ", ".join(sorted(entries - prepared_entries())[:3] or ["a manifest.json alone"]))
+        raise UserError(f"{out_dir} exists and is not a data set this project prepared ({why}); "
+                        "it is left alone: choose another --out")
+
+
+def source_fingerprint(source):
+    """What changes when sprites are added to, removed from or edited in a source: the relative
+    name, size and modification time of each file under it (or of the zip)."""
+    source = Path(source)
+    if not source.is_dir():
+        info = source.stat()
+        return hashlib.sha256(f"{info.st_size} {info.st_mtime_ns}".encode()).hexdigest()
+    entries = []
+    for path in sorted(source.rglob("*")):
+        with contextlib.suppress(OSError):
+            info = path.stat()
+            entries.append(f"{path.relative_to(source)}\0{info.st_size}\0{info.st_mtime_ns}")
+    return hashlib.sha256("\n".join(entries).encode(errors="surrogateescape")).hexdigest()
+
+
+def _check_source_unchanged(manifest, source, out_dir):
+    """A UserError when the user's sprites changed since `out_dir` was prepared from them. A
+    manifest from before the fingerprint, or of the fetched Pokemon package, is taken as it is."""
+    recorded = manifest["source"].get("fingerprint")
+    if recorded is None or source is None:
+        return
+    if not Path(source).exists() or source_fingerprint(source) != recorded:
+        raise UserError(f"{source} changed since {out_dir} was prepared from it (sprites added, removed or "
+                        f"edited); prepare it again with `python -m utils.data prepare --source {source} --force`")
 
 
 def _is_running(pid):
@@ -522,10 +566,12 @@ def prepare(source=None, out_dir=None, options=PrepareOptions(), force=False, lo
         # A parameter newer than the manifest counts as its default, so an old set is still reused.
         defaults = json.loads(json.dumps(dataclasses.asdict(PrepareOptions())))
         if {**defaults, **old.get("parameters", {})} == params and old["source"].get("path") == wanted_source:
+            _check_source_unchanged(old, source, out_dir)
             return old
     start = time.perf_counter()
     root = fetch_pokemon() if source is None else None
     files, skipped = _pokemon_files(root) if source is None else _user_files(source, log)
+    fingerprint = None if source is None else source_fingerprint(source)
     if not files:
         raise UserError(f"no files found in sprite source {source}")
     sprites, bad, centre_cropped = _collect(files, options, log)
@@ -563,7 +609,7 @@ def prepare(source=None, out_dir=None, options=PrepareOptions(), force=False, lo
             (staging / f"{split}_names.json").write_text(json.dumps(names))
             summary[split] = {"species": splits[split], "sprites": len(mine), "images": len(names)}
         manifest = {
-            "source": _source_record(source, root, fetched),
+            "source": _source_record(source, root, fetched, fingerprint),
             "parameters": params,
             "files_found": len(files),
             "sprites": len(sprites),

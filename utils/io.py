@@ -3,13 +3,17 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
 from utils.errors import UserError
 
 TEMP_SUFFIX = ".tmp"
+# What atomic_path's mkstemp names a temporary file of `name`: the target's name, 8 random letters.
+_TEMP_NAME = re.compile(rf"^\.(.+)\.[a-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}$")
 # mkstemp makes files only their owner can read; a finished file gets what open() would give it.
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -59,10 +63,23 @@ def atomic_path(path):
         raise
 
 
-def remove_temp_files(folder):
+def temp_target(path):
+    """The name of the file whose half-written copy `path` would be, or None when it is no
+    temporary file of atomic_path's."""
+    match = _TEMP_NAME.match(Path(path).name)
+    return match[1] if match else None
+
+
+def remove_temp_files(folder, owned):
     """Delete the temporary files that writes killed before their rename left under `folder`;
-    returns their paths. They are never complete, so nothing is lost."""
-    leftovers = sorted(Path(folder).rglob(f".*{TEMP_SUFFIX}")) if Path(folder).is_dir() else []
+    returns their paths. Only the half-written copy of a file the caller writes counts: `owned`
+    is asked about its target's path relative to `folder`, so that a user's own `.x.tmp` is kept."""
+    folder = Path(folder)
+    leftovers = []
+    for path in sorted(folder.rglob(f".*{TEMP_SUFFIX}")) if folder.is_dir() else []:
+        target = temp_target(path)
+        if target and path.is_file() and not path.is_symlink() and owned(path.parent.relative_to(folder) / target):
+            leftovers.append(path)
     for path in leftovers:
         path.unlink()
     return leftovers
@@ -94,6 +111,25 @@ def write_json(path, obj):
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+_LOCK_TEXT = re.compile(rb"^(\d+\n)?$")  # what exclusive_lock writes: its holder's pid, or nothing yet
+
+
+def _refuse_a_foreign_lock_file(path):
+    """A UserError when something not made by exclusive_lock has the lock's name: a user's own
+    file there would otherwise be truncated, then deleted."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    foreign = not stat.S_ISREG(info.st_mode) or info.st_size > 32
+    if not foreign:
+        with open(path, "rb") as f:
+            foreign = not _LOCK_TEXT.match(f.read(33))
+    if foreign:
+        raise UserError(f"{path} is not a lock file this project made, so it is left alone; "
+                        "move it, or choose another --experiment_name")
+
+
 @contextlib.contextmanager
 def exclusive_lock(path, what):
     """Hold an exclusive lock on the file `path`, which names this process, for the duration; a
@@ -102,8 +138,10 @@ def exclusive_lock(path, what):
     path = Path(path)
     made_folder = not path.parent.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
+    _refuse_a_foreign_lock_file(path)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        # O_NOFOLLOW and O_NONBLOCK: a link or a FIFO put in the lock's place is refused, not followed or waited on.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666 & ~_UMASK)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -26,7 +26,7 @@ from utils.images import from_batch, to_batch
 from utils.io import write_json
 from utils.metrics import image_metrics
 from utils.plots import save_png
-from utils.train import ROOT, load_model
+from utils.train import EXPERIMENT_MARK, ROOT, load_model
 
 BATCH = 256
 
@@ -72,6 +72,21 @@ def read_prepared_test_split(folder, size):
     return test.names, test.images, test.masks
 
 
+def check_out_dir(out_dir, in_dir):
+    """A UserError unless `out_dir` is apart from the sprites it is made from and from every
+    experiment: writing into either would replace the user's sprites or an experiment's outputs."""
+    out, source = Path(out_dir).resolve(), Path(in_dir).resolve()
+    if out == source or out.is_relative_to(source) or source.is_relative_to(out):
+        raise UserError(f"{out_dir} would be written in or around the input folder {in_dir}, whose sprites it "
+                        "would replace or mix with; choose an output folder apart from it")
+    for folder in (out, *out.parents):
+        if (folder / EXPERIMENT_MARK).exists() or (folder / "model.pt").exists():
+            raise UserError(f"{out_dir} is inside the experiment {folder}, whose metrics.json and reconstructions "
+                            "it would replace or mix with; choose an output folder outside every experiment")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out_dir} is a file, not a folder; choose another output folder")
+
+
 def reconstruct(model, images, device):
     outputs = []
     with torch.inference_mode():
@@ -103,6 +118,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     def run():
+        check_out_dir(args.out_dir, args.in_dir)
         device = choose_device(args.device)
         model, _, config = load_model(experiment_dir(args.experiment), device)
         if (Path(args.in_dir) / "manifest.json").is_file():

@@ -26,7 +26,7 @@ from utils.data_parallel import (agreed, barrier, batch_shares, data_parallel, e
                                  same_buffers_as_first_rank, summed_over_ranks, world_size)
 from utils.errors import UserError, exit_on_user_error, first_sentence
 from utils.fusions import write_fusions
-from utils.io import TEMP_SUFFIX, atomic_path, exclusive_lock, remove_temp_files, write_json
+from utils.io import atomic_path, exclusive_lock, remove_temp_files, temp_target, write_json
 from utils.images import from_batch, to_batch
 from utils.metrics import codebook_stats, colour_counts, image_metrics
 from utils.plots import image_grid, plot_codebook_usage, plot_losses, save_gif, save_png, upscale_nearest
@@ -38,7 +38,16 @@ LOG_EVERY = 10  # steps between progress-bar updates; each one reads the loss ba
 # Left in a folder by start_output_dir: only a folder holding it is an experiment to resume or replace.
 EXPERIMENT_MARK = ".experiment"
 COUNT_CHUNK = 4096  # images whose colours are counted at once: a sort of all 48,000 takes GBs
-RESUME_KEYS = ("dataset", "seed")  # besides the architecture, what a resumed run must share
+# What --resume=True may change: how long and where the run goes on, and its outputs; every other
+# key (batch_size, a loss weight, dataset, seed, ...) would make the later epochs another experiment
+# than the first ones, which config.json describes. A change is printed and kept in history.json.
+RESUME_MAY_CHANGE = ("epochs", "learning_rate", "device", "fast", "resume", "overwrite", "output_dir",
+                     "experiment_name", "num_fusions", "fusion_steps", "num_samples", "temperature", "fid_weights")
+# What a run writes at the top of its folder: only a half-written copy of one of these is its own.
+RUN_OUTPUTS = (EXPERIMENT_MARK, "config.json", "checkpoint.pt", "model.pt", "history.json", "metrics.json",
+               "losses.png", "samples.gif", "codebook_usage.png", "reconstruction_grid.png", "reconstructions",
+               "fusions", "samples", "sample_grid.png", "nearest_grid.png", "codes.npz")
+FINISHED = ("model.pt", "metrics.json")  # a run that wrote these ended
 CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "config", "model_type", "rng")
 
 
@@ -277,8 +286,8 @@ def vae_noise(size, config, device):
 
 def architecture(config, model_type):
     """The config keys a checkpoint must agree on to be loaded into this model; a key newer than
-    the checkpoint counts as its default. The objective's weights shape no tensor, so a run may
-    resume under others, as under another learning rate."""
+    the checkpoint counts as its default. The objective's weights shape no tensor and are left to
+    `resume_changes`, which refuses them as it refuses every setting outside RESUME_MAY_CHANGE."""
     defaults = model_defaults(model_type)
     keys = [key for key in model_keys(model_type) if key not in objective_keys(model_type)]
     return {key: config.get(key, defaults.get(key)) for key in keys + ["image_size"]}
@@ -311,13 +320,33 @@ def load_training_checkpoint(path, config, model_type):
     if differ:
         listed = ", ".join(f"{k} (checkpoint {a!r}, config {b!r})" for k, (a, b) in differ.items())
         raise UserError(f"checkpoint {path} was made with a different architecture: {listed}")
-    # Another data set or seed would continue the weights on other data, in another order.
-    differ = {key: (saved["config"].get(key), config.get(key)) for key in RESUME_KEYS
-              if saved["config"].get(key) != config.get(key)}
-    if differ:
-        listed = ", ".join(f"{k} (checkpoint {a!r}, config {b!r})" for k, (a, b) in differ.items())
-        raise UserError(f"checkpoint {path} was trained on other data: {listed}; start a new experiment for them")
+    broken = non_finite_tensors(saved["model"])
+    if broken:
+        raise UserError(f"checkpoint {path} holds non-finite weights ({', '.join(broken[:3])}); it is damaged, "
+                        "so resume is refused; start without --resume")
+    changed = resume_changes(saved["config"], config, model_type)
+    refused = [key for key in changed if key not in RESUME_MAY_CHANGE]
+    if refused:
+        listed = ", ".join(f"{k} (checkpoint {changed[k][0]!r}, config {changed[k][1]!r})" for k in refused)
+        raise UserError(f"checkpoint {path} was trained with other settings: {listed}; a resume may change only "
+                        + f"{', '.join(k for k in RESUME_MAY_CHANGE if k not in ('resume', 'overwrite'))}; "
+                        "start a new experiment for them")
     return saved
+
+
+def non_finite_tensors(state):
+    """The names of the floating-point tensors of a state dict that hold a NaN or an infinity."""
+    return [name for name, value in (state.items() if isinstance(state, dict) else []) if isinstance(value, torch.Tensor)
+            and value.is_floating_point() and not torch.isfinite(value).all()]
+
+
+def resume_changes(saved, config, model_type):
+    """{key: (checkpoint's value, config's)} for every key the two configs hold and differ on,
+    the architecture aside (load_training_checkpoint names that apart). A key newer than the
+    checkpoint is no change."""
+    skip = set(architecture(config, model_type))
+    return {key: (saved[key], config[key]) for key in config
+            if key in saved and key not in skip and saved[key] != config[key]}
 
 
 def resume_from(path, model, optimizer, config, model_type):
@@ -337,8 +366,21 @@ def resume_from(path, model, optimizer, config, model_type):
         print(f"learning_rate is {config['learning_rate']} from epoch {saved['epoch'] + 2} on "
               f"(it was {saved['history'][-1]['learning_rate']})")
     set_rng_state(saved["rng"])
+    record_resume_changes(saved, config, model_type)
     print(f"resumed {path} after epoch {saved['epoch'] + 1}")
     return saved
+
+
+def record_resume_changes(saved, config, model_type):
+    """Print what this resume changes, and keep it in the last finished epoch's history row, so that
+    history.json still says which settings made each epoch once config.json holds the new ones."""
+    changed = {key: value for key, value in resume_changes(saved["config"], config, model_type).items()
+               if key not in ("resume", "overwrite", "learning_rate")}  # the rate is recorded per epoch
+    if not changed or not saved["history"]:
+        return
+    saved["history"][-1].setdefault("changed_after", {}).update({k: list(v) for k, v in changed.items()})
+    print(f"changed on resume after epoch {saved['epoch'] + 1}: "
+          + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
 
 
 def start_output_dir(out, config, resumed):
@@ -362,7 +404,8 @@ def prepare_output_dir(out, config):
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file, not an experiment folder; choose another --experiment_name")
     experiment = (out / EXPERIMENT_MARK).exists()
-    others = sorted(p.name for p in out.iterdir() if not p.name.endswith(TEMP_SUFFIX)) if out.is_dir() else []
+    # Before its mark, a run has written at most a half-written mark; a user's own .tmp files are others.
+    others = sorted(p.name for p in out.iterdir() if temp_target(p) != EXPERIMENT_MARK) if out.is_dir() else []
     if others and not experiment:
         if "config.json" in others:
             raise UserError(f"{out} holds a config.json but no {EXPERIMENT_MARK}, the mark of a folder this "
@@ -376,12 +419,17 @@ def prepare_output_dir(out, config):
     if not config["resume"] and experiment and not config["overwrite"]:
         raise UserError(f"{out} already holds an experiment; continue it with --resume=True, "
                         "replace it with --overwrite=True, or choose another --experiment_name")
-    leftovers = remove_temp_files(out)
+    leftovers = remove_temp_files(out, lambda target: target.parts[0] in RUN_OUTPUTS)
     if leftovers:
         print(f"removed {len(leftovers)} half-written file(s) left by an interrupted run: "
               + ", ".join(str(p.relative_to(out)) for p in leftovers))
     if not config["resume"]:
         return None
+    finished = [name for name in FINISHED if (out / name).exists()]
+    if not checkpoint.exists() and finished:
+        raise UserError(f"{out} holds a finished run ({', '.join(finished)}) but no checkpoint.pt to continue it "
+                        "from, so it is left as it is; train longer under another --experiment_name, or "
+                        "replace it with --overwrite=True")
     if not checkpoint.exists():
         print(f"{out} holds no complete checkpoint (the run stopped during its first epoch); starting at epoch 1")
         return None
