@@ -71,6 +71,22 @@ BAD_VALUES = [
     ("temperature", "0", "above 0"),
     ("temperature", "nan", "a finite number"),
     ("fid_dims", "100", "one of 64, 192, 768, 2048"),
+    ("architecture", "unet", "one of paper, residual"),
+    ("residual_channels", "0", "at least 1"),
+    ("residual_blocks", "-1", "at least 0"),
+    ("codebook_dim", "0", "at least 1"),
+    ("rotation_trick", "maybe", "expects bool"),
+    ("palette_snap", "maybe", "expects bool"),
+    ("l1_weight", "-1", "at least 0"),
+    ("l1_weight", "nan", "a finite number"),
+    ("adversarial_weight", "-0.1", "at least 0"),
+    ("adversarial_start", "-1", "at least 0"),
+    ("discriminator_channels", "0", "at least 1"),
+    ("discriminator_layers", "0", "at least 1"),
+    ("lr_schedule", "step", "one of constant, cosine"),
+    ("warmup_steps", "-1", "at least 0"),
+    ("grad_clip", "-1", "at least 0"),
+    ("plain_backgrounds_only", "maybe", "expects bool"),
 ]
 CASES = [(script, key, value, expected) for script in SCRIPTS for key, value, expected in BAD_VALUES
          if key in DEFAULTS[script]]

@@ -155,8 +155,9 @@ def test_prepare_set_fetches_the_pinned_package_and_records_it(tmp_path, pinned,
     out = tmp_path / "prepared"
     assert data.main(["prepare", "--set", "angband", "--out", str(out), "--image-size", "16"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["source"] == {"path": str((tmp_path / "original/angband/tiles").resolve()),
-                                  "package": "angband-data", "version": "1:3.5.1-2.5", "sha256": ood.ANGBAND_SHA256}
+    tiles = tmp_path / "original/angband/tiles"
+    assert manifest["source"] == {"path": str(tiles.resolve()), "package": "angband-data", "version": "1:3.5.1-2.5",
+                                  "sha256": ood.ANGBAND_SHA256, "fingerprint": data.source_fingerprint(tiles)}
     # Six tiles, the red square the same at both sizes once cropped: five sprites, ten images.
     assert manifest["sprites"] == 5 and manifest["splits"]["test"]["images"] == 10
     assert manifest["skipped"] == [{"file": "gervais32__r00c000.png", "reason": "duplicate of bolt16__r00c000.png"}]
