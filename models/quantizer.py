@@ -44,6 +44,21 @@ def kmeans(x: Tensor, k: int, iterations: int = KMEANS_ITERATIONS) -> Tensor:
     return centroids
 
 
+def restart_rows(codes: int, positions: int, errors: Tensor | None, device) -> Tensor:
+    """For each of `codes` codes, one of a batch's `positions` latents that it would restart on:
+    drawn uniformly when `errors` is None, else in proportion to `errors` [positions] (each
+    latent's squared distance from its code; dead_code_sampling 'error')."""
+    if errors is None:
+        return torch.randint(positions, (codes,), device=device)
+    # Per pixel, most latents are background that a code already serves; drawing by error sends
+    # dead codes to the colours that share a code. Inverse-CDF sampling, since torch.multinomial
+    # takes at most 2^24 categories (a large batch of per-pixel latents); the floor keeps it
+    # defined when every latent sits on its code.
+    cumulative = (errors.double() + 1e-12).cumsum(0)
+    draws = torch.rand(codes, dtype=torch.float64, device=device) * cumulative[-1]
+    return torch.searchsorted(cumulative, draws, right=True).clamp_(max=positions - 1)
+
+
 class VectorQuantizerEMA(nn.Module):
     """Maps each latent vector to its nearest of `num_embeddings` codes of size `embedding_dim`.
 
@@ -138,17 +153,9 @@ class VectorQuantizerEMA(nn.Module):
 
     def restart_rows(self, positions: int, errors: Tensor | None) -> Tensor:
         """One of the batch's `positions` latents for each code, the candidates that dead codes move
-        onto: uniform, or in proportion to `errors` [positions] under dead_code_sampling 'error'."""
-        k, device = self.num_embeddings, self.embedding.device
-        if self.dead_code_sampling == "uniform":
-            return torch.randint(positions, (k,), device=device)
-        # Per pixel, most latents are background that a code already serves; drawing by error sends
-        # dead codes to the colours that share a code. Inverse-CDF sampling, since torch.multinomial
-        # takes at most 2^24 categories (a large batch of per-pixel latents); the floor keeps it
-        # defined when every latent sits on its code.
-        cumulative = (errors.double() + 1e-12).cumsum(0)
-        draws = torch.rand(k, dtype=torch.float64, device=device) * cumulative[-1]
-        return torch.searchsorted(cumulative, draws, right=True).clamp_(max=positions - 1)
+        onto (`restart_rows`, below)."""
+        errors = errors if self.dead_code_sampling == "error" else None
+        return restart_rows(self.num_embeddings, positions, errors, self.embedding.device)
 
     @torch.no_grad()
     def restart_dead_codes(self, candidates: Tensor) -> None:

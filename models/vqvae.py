@@ -42,8 +42,10 @@ class VQVAE(nn.Module):
     (`fsq_levels` per channel, whose product is `num_embeddings`) or 'factorized' (l2-normalised
     codes of `codebook_dim` channels, models/factorized.py, optionally with the `rotation_trick`).
     `architecture` 'residual' builds models/resnet.py's encoder and decoder, `residual_channels` wide
-    at full size with `residual_blocks` blocks at each resolution, in place of the paper's stack. `dead_code_sampling` says how the
-    EMA codebooks draw the latents that dead codes restart on: 'uniform' or by quantisation 'error'.
+    at full size with `residual_blocks` blocks at each resolution, in place of the paper's stack. `kmeans_init` and
+    `dead_code_threshold` act on the EMA, residual and factorised codebooks alike (not FSQ's, which has
+    no codebook to place); `dead_code_sampling` says how they draw the latents that dead codes
+    restart on: 'uniform' or by quantisation 'error'.
     The objective (`loss_terms`) is the reconstruction's MSE, or with palette_output the palette
     choice's cross-entropy, plus the commitment loss and, with `use_ssim_loss` (the paper's switch),
     `ssim_weight` times 1 - SSIM.
@@ -98,7 +100,8 @@ class VQVAE(nn.Module):
                                  f"not num_embeddings = {num_embeddings}")
         elif quantizer == "factorized":
             self.quantizer = FactorizedQuantizer(num_embeddings, embedding_dim, codebook_dim, commitment_cost,
-                                                 rotation_trick)
+                                                 rotation_trick, kmeans_init, dead_code_threshold,
+                                                 dead_code_sampling, ema_decay)
         else:
             raise ValueError(f"quantizer {quantizer!r} is not one of {', '.join(QUANTIZERS)}")
         out_channels = palette_features if palette_output else in_channels

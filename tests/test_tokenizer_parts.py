@@ -78,6 +78,49 @@ def test_factorised_loss_trains_the_codebook_and_passes_the_decoder_gradient_to_
     assert out.loss > 0
 
 
+def identity_projection(quantizer):
+    with torch.no_grad():
+        quantizer.project_in.weight.copy_(torch.eye(2).reshape(2, 2, 1, 1))
+        quantizer.project_in.bias.zero_()
+
+
+def directions(*vectors, repeat=1):
+    """Latents [1, 2, 1, N] pointing along `vectors`, each `repeat` times."""
+    return torch.tensor([v for v in vectors for _ in range(repeat)]).t().reshape(1, 2, 1, -1)
+
+
+def test_kmeans_init_places_the_factorised_codes_on_the_first_batchs_directions():
+    quantizer = FactorizedQuantizer(3, 2, codebook_dim=2, kmeans_init=True)
+    identity_projection(quantizer)
+    out = quantizer(directions([2.0, 0.0], [0.0, 3.0], [-1.0, -1.0], repeat=5))
+    placed = {tuple(round(x, 4) for x in row) for row in unit(quantizer.codebook).tolist()}
+    assert placed == {(1.0, 0.0), (0.0, 1.0), (-0.7071, -0.7071)}
+    assert sorted(out.indices.unique().tolist()) == [0, 1, 2]
+    # Placed once: a later batch is looked up, not clustered.
+    before = quantizer.codebook.detach().clone()
+    quantizer(directions([1.0, 1.0], repeat=15))
+    assert torch.equal(before, quantizer.codebook.detach())
+
+
+@pytest.mark.parametrize("threshold", [0.0, 0.5])
+def test_a_factorised_code_no_latent_picks_restarts_on_a_latent_only_with_a_threshold(threshold):
+    quantizer = FactorizedQuantizer(2, 2, codebook_dim=2, dead_code_threshold=threshold, decay=0.5)
+    identity_projection(quantizer)
+    with torch.no_grad():
+        quantizer.codebook.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+    batch = directions([1.0, 0.2], [1.0, -0.2], repeat=4)
+    for _ in range(3):  # code 1's count halves each step: 0.5, 0.25, then it is dead
+        out = quantizer(batch)
+        out.loss.backward()  # a code moved in the step must leave the backward pass intact
+    # Restarted on a latent, the code is that latent's nearest: picked, its count is no longer low.
+    assert quantizer.cluster_size[1] < 0.5 if threshold == 0 else quantizer.cluster_size[1] > 1.0
+    moved = unit(quantizer.codebook)[1].detach()
+    if threshold == 0:
+        assert moved.tolist() == [-1.0, 0.0]
+    else:
+        assert any(torch.allclose(moved, unit(v, dim=0), atol=1e-6) for v in batch.reshape(2, -1).t())
+
+
 def test_rotation_trick_equals_the_code_forwards_and_rotates_the_gradient():
     z = torch.tensor([[3.0, 0.0], [1.0, 1.0]], requires_grad=True)
     code = torch.tensor([[0.0, 2.0], [-1.0, 1.0]])
