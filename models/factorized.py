@@ -11,9 +11,9 @@ Gradients pass to the encoder straight through, or with `rotation_trick` by the 
 (Fifty et al. 2024): the latent is rotated and scaled onto its code by a transform treated as
 constant, so the gradient reaching it keeps the angle between latent and code.
 
-A low dimension alone did not keep codes alive on sprites (35% of 1,024 in use after three epochs,
-perplexity 15): codes start far from where the latents gather and a code no latent picks gets no
-gradient. So, as the EMA quantiser does, `kmeans_init` places the codes on k-means of the first
+A low dimension alone did not keep codes alive on sprites (358 of 1,024 in use on the test split
+after three epochs, perplexity 13): codes start far from where the latents gather and a code no
+latent picks gets no gradient. So, as the EMA quantiser does, `kmeans_init` places the codes on k-means of the first
 batch's latents, and `dead_code_threshold` > 0 moves a code whose running count (an EMA, `decay`)
 falls below it onto a latent of the current batch.
 """
@@ -52,8 +52,7 @@ class FactorizedQuantizer(nn.Module):
         super().__init__()
         self.num_embeddings, self.codebook_dim = num_embeddings, codebook_dim
         self.commitment_cost, self.rotation_trick = commitment_cost, rotation_trick
-        self.kmeans_init, self.dead_code_threshold = kmeans_init, dead_code_threshold
-        self.dead_code_sampling, self.decay = dead_code_sampling, decay
+        self.dead_code_threshold, self.dead_code_sampling, self.decay = dead_code_threshold, dead_code_sampling, decay
         self.project_in = nn.Conv2d(embedding_dim, codebook_dim, 1)
         self.project_out = nn.Conv2d(codebook_dim, embedding_dim, 1)
         self.codebook = nn.Parameter(unit(torch.randn(num_embeddings, codebook_dim)))

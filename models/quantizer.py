@@ -153,7 +153,7 @@ class VectorQuantizerEMA(nn.Module):
 
     def restart_rows(self, positions: int, errors: Tensor | None) -> Tensor:
         """One of the batch's `positions` latents for each code, the candidates that dead codes move
-        onto (`restart_rows`, below)."""
+        onto (`restart_rows`, above)."""
         errors = errors if self.dead_code_sampling == "error" else None
         return restart_rows(self.num_embeddings, positions, errors, self.embedding.device)
 
