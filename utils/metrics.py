@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image
 from skimage.metrics import structural_similarity
 
-from utils.data import SkipImage, read_image_file
-from utils.errors import UserError, exit_on_user_error
+from utils.data import SkipImage, read_image_file, regular_files
+from utils.errors import UserError, exit_on_user_error, warn
 from utils.io import write_json
 
 # Reported for identical images, whose PSNR is infinite. No other 8-bit image pair up to 226x226
@@ -228,7 +228,7 @@ def _png_names(folder):
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder")
-    names = {p.name for p in folder.iterdir() if p.suffix.lower() == ".png"}
+    names = {p.name for p in regular_files((p for p in folder.iterdir() if p.suffix.lower() == ".png"), warn)}
     if not names:
         raise UserError(f"{folder} holds no PNG files")
     return names
