@@ -273,9 +273,11 @@ def _user_files(source, log):
         entries = []
         for path in sorted(p for p in source.rglob("*") if not p.name.startswith(".")):
             rel = str(path.relative_to(source))
-            problem = entry_problem(path)
-            if problem is None and path.is_symlink() and not path.resolve().is_relative_to(inside):
+            # A link out of the source is named as such, a link to a folder outside included.
+            problem = None
+            if path.is_symlink() and not path.resolve().is_relative_to(inside):
                 problem = f"a link to {path.resolve()}, outside the source folder"
+            problem = problem or entry_problem(path)
             if problem is None and len(os.fsencode(image_name(_safe_key(rel), "white", "rot-999"))) > NAME_MAX:
                 problem = f"a name too long to be written as a prepared image (over {NAME_MAX} bytes)"
             if problem == "not a regular file (a folder)":
