@@ -221,10 +221,16 @@ def _check_known(key, defaults, source):
 
 def _read_json_config(path, defaults):
     path = Path(path)
+    if path.exists() and not path.is_file():  # a folder, or a FIFO that reading would wait on for ever
+        raise UserError(f"config file {path} is not a file")
     try:
-        overrides = json.loads(path.read_text())
+        overrides = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise UserError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file {path} is not UTF-8 text (byte {e.start} is not)") from None
+    except OSError as e:
+        raise UserError(f"config file {path} cannot be read: {e.strerror or e}") from None
     except json.JSONDecodeError as e:
         raise UserError(f"config file {path} is not valid JSON: {e}") from None
     if not isinstance(overrides, dict):

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import glob
 import hashlib
 import io
@@ -15,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tarfile
@@ -30,7 +32,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from utils import ood
-from utils.errors import UserError, exit_on_user_error, first_sentence
+from utils.errors import UserError, exit_on_user_error, first_sentence, printable
 from utils.io import verified_download, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,6 +62,7 @@ TOO_LARGE = f"larger than {MAX_FILE_BYTES >> 20} MiB, more than any sprite needs
 # Modes whose values are not 8-bit colours, refused by name rather than converted to black.
 UNSUPPORTED_MODES = {"F": "32-bit floating point", "I": "32-bit integer"}
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+NAME_MAX = 255  # bytes in one file name, on every file system Linux commonly mounts
 BACKGROUND_COLOURS = {"white": (255, 255, 255), "black": (0, 0, 0)}
 # Out-of-domain test sets by name: the fetcher of each, which returns the folder it unpacked into.
 OOD_SETS = {"angband": ood.fetch_angband}
@@ -207,8 +210,40 @@ def _bounded(read):
     return data
 
 
+def regular_files(paths, log):
+    """The paths that are files to read; each other entry is named on `log` with its reason and
+    left out, so that one FIFO or link loop in a folder of sprites does not stop the work."""
+    kept = []
+    for path in paths:
+        problem = entry_problem(path)
+        if problem:
+            log(f"skipped {printable(path)}: {problem}")
+        else:
+            kept.append(path)
+    return kept
+
+
+def entry_problem(path):
+    """Why the folder entry `path` is not a file to read (a link loop, a broken link, a FIFO or
+    another non-regular file), or None. Opening a FIFO would wait for a writer for ever."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "a broken link"
+    except OSError as err:
+        return "a link loop" if err.errno == errno.ELOOP else (err.strerror or str(err))
+    if stat.S_ISREG(mode):
+        return None
+    kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+    return f"not a regular file ({kind})"
+
+
 def _read_file(path):
-    with open(path, "rb") as f:
+    # O_NONBLOCK: a FIFO named like a sprite opens at once instead of waiting, and is refused.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SkipImage(entry_problem(path) or "not a regular file")
         return _bounded(f.read)
 
 
@@ -238,10 +273,19 @@ def _user_files(source, log):
         entries = []
         for path in sorted(p for p in source.rglob("*") if not p.name.startswith(".")):
             rel = str(path.relative_to(source))
+            # A link out of the source is named as such, a link to a folder outside included.
+            problem = None
             if path.is_symlink() and not path.resolve().is_relative_to(inside):
-                skipped.append({"file": rel, "reason": f"a link to {path.resolve()}, outside the source folder"})
-                log(f"skipped {rel}: {skipped[-1]['reason']}")
-            elif path.is_file():
+                problem = f"a link to {path.resolve()}, outside the source folder"
+            problem = problem or entry_problem(path)
+            if problem is None and len(os.fsencode(image_name(_safe_key(rel), "white", "rot-999"))) > NAME_MAX:
+                problem = f"a name too long to be written as a prepared image (over {NAME_MAX} bytes)"
+            if problem == "not a regular file (a folder)":
+                continue
+            if problem:
+                skipped.append({"file": printable(rel), "reason": problem})
+                log(f"skipped {printable(rel)}: {problem}")
+            else:
                 entries.append((rel, lambda p=path: _read_file(p)))
     else:
         archive = zipfile.ZipFile(source)
@@ -253,7 +297,7 @@ def _user_files(source, log):
         while key in used:
             key += "+"
         used.add(key)
-        files.append(SourceFile(rel, species_of(rel), key, read))
+        files.append(SourceFile(printable(rel), species_of(printable(rel)), key, read))
     return files, skipped
 
 
@@ -417,8 +461,8 @@ def _collect(files, options, log):
         try:
             canvas, cropped = crop_to_canvas(decode_rgba(f.read()), options.image_size)
         except SkipImage as why:
-            skipped.append({"file": f.name, "reason": str(why)})
-            log(f"skipped {f.name}: {why}")
+            skipped.append({"file": printable(f.name), "reason": str(why)})
+            log(f"skipped {printable(f.name)}: {why}")
             continue
         digest = hashlib.sha256(canvas.tobytes()).hexdigest()
         if digest in seen:

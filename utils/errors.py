@@ -10,6 +10,18 @@ class UserError(Exception):
     instead of a traceback, because the fix is on the user's side."""
 
 
+def printable(text):
+    """`text` as it can be printed: a file name's bytes that are not UTF-8 (which Python holds as
+    lone surrogates) written as \\x escapes, so that naming a file never ends the run with a
+    UnicodeEncodeError."""
+    return str(text).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def warn(line):
+    """A line on stderr about work that goes on without something (a skipped file)."""
+    print(printable(line), file=sys.stderr)
+
+
 def first_sentence(err):
     """The first sentence of an exception's message: it says what is wrong, where torch's
     following ones speculate why (and advise loading untrusted files with weights_only=False)."""
@@ -27,7 +39,7 @@ def exit_on_user_error(run, interrupted=None, say=True, before_exit=None):
         return run()
     except UserError as err:
         if say:
-            print(f"error: {err}", file=sys.stderr)
+            print(f"error: {printable(err)}", file=sys.stderr)
         if before_exit is not None:
             before_exit()
         sys.exit(EXIT_USER_ERROR)

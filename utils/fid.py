@@ -27,7 +27,8 @@ from torch.nn.functional import adaptive_avg_pool2d, interpolate
 from tqdm import tqdm
 
 from utils.device import choose_device
-from utils.errors import UserError, exit_on_user_error
+from utils.data import regular_files
+from utils.errors import UserError, exit_on_user_error, warn
 from utils.fid_weights import (CLASSIFIER_KEYS, FidWeights, fid_inception_network, official_weights_path,
                                resolve_fid_weights, weights_record)
 from utils.io import atomic_path, write_json
@@ -84,7 +85,7 @@ def image_paths(folder):
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = regular_files(sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), warn)
     if len(paths) < 2:
         raise UserError(f"{folder} holds {len(paths)} PNG or JPEG images; FID needs at least 2")
     return paths

@@ -15,8 +15,8 @@ from skimage.metrics import structural_similarity
 
 from models import described_model
 from models.palette import BITS_PER_COLOUR
-from utils.data import SkipImage, read_image_file
-from utils.errors import UserError, exit_on_user_error
+from utils.data import SkipImage, read_image_file, regular_files
+from utils.errors import UserError, exit_on_user_error, warn
 from utils.io import write_json
 
 # Reported for identical images, whose PSNR is infinite. No other 8-bit image pair up to 226x226
@@ -225,7 +225,7 @@ def _png_names(folder):
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder")
-    names = {p.name for p in folder.iterdir() if p.suffix.lower() == ".png"}
+    names = {p.name for p in regular_files((p for p in folder.iterdir() if p.suffix.lower() == ".png"), warn)}
     if not names:
         raise UserError(f"{folder} holds no PNG files")
     return names

@@ -21,7 +21,7 @@ import torch
 
 from utils import data
 from utils.device import choose_device
-from utils.errors import UserError, exit_on_user_error
+from utils.errors import UserError, exit_on_user_error, printable
 from utils.images import from_batch, to_batch
 from utils.io import write_json
 from utils.metrics import image_metrics
@@ -44,11 +44,12 @@ def read_sprites(folder, size, background, log=print):
     if not folder.is_dir():
         raise UserError(f"{folder} is not a folder of sprites")
     images, masks, written_from = [], [], {}
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+    entries = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and not p.is_dir())
+    for path in data.regular_files(entries, lambda line: log(printable(line))):
         try:
             image, mask = data.sprite_image(path, size, background)
         except data.SkipImage as why:
-            log(f"skipped {path.name}: {why}")
+            log(printable(f"skipped {path.name}: {why}"))
             continue
         name = path.stem + ".png"
         if name in written_from:
