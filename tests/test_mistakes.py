@@ -59,7 +59,7 @@ BAD_VALUES = [
     ("learning_rate", "nan", "a finite number"),
     ("precision", "fp16", "one of fp32, bf16"),
     ("fast", "sometimes", "one of auto, True, False"),
-    ("seed", "-1", "at least 0"),
+    ("seed", "-1", "from 0 to 4294967295"),
     ("max_train_images", "-1", "at least 0"),
     ("num_fusions", "-1", "at least 0"),
     ("fusion_steps", "0", "at least 2"),

@@ -32,6 +32,15 @@ def _at_least(low):
     return lambda value, config: None if value >= low else f"at least {low}"
 
 
+# NumPy's legacy seeding, which the data pipeline and the priors use, takes 32-bit seeds.
+LARGEST_SEED = 2**32 - 1
+
+
+def seed_problem(value):
+    """What is wrong with `value` as a seed, or None."""
+    return None if 0 <= value <= LARGEST_SEED else f"from 0 to {LARGEST_SEED} (2**32 - 1)"
+
+
 def _above(low):
     return lambda value, config: None if value > low else f"above {low}"
 
@@ -120,7 +129,7 @@ RULES = {
     "learning_rate": _above(0),
     "precision": _one_of(PRECISIONS),
     "fast": lambda value, config: None if str(value).lower() in ("auto", "true", "false") else "one of auto, True, False",
-    "seed": _at_least(0),
+    "seed": lambda value, config: seed_problem(value),
     "max_train_images": _at_least(0),
     "num_fusions": _at_least(0),
     "fusion_steps": _at_least(2),

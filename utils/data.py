@@ -32,8 +32,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from utils import ood
+from utils.config import seed_problem
+from utils.device import refuse_beyond_memory
 from utils.errors import UserError, exit_on_user_error, first_sentence, printable
-from utils.io import verified_download, write_json
+from utils.io import make_folder, verified_download, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 ORIGINAL_DATA = ROOT / "original_data"
@@ -583,6 +585,8 @@ def _remove_stale_folders(out_dir, log):
 def _die_with(parent):
     """A worker's first act: end when the preparing process ends, SIGKILL included, instead of
     rendering on for nobody. Linux only; elsewhere a worker ends once its queue is gone."""
+    # Ctrl-C reaches every process of the terminal's group: the parent alone handles it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -618,6 +622,11 @@ def prepare(source=None, out_dir=None, options=PrepareOptions(), force=False, lo
     fingerprint = None if source is None else source_fingerprint(source)
     if not files:
         raise UserError(f"no files found in sprite source {source}")
+    # Each sprite's RGBA canvas, then its images (RGB and a mask a pixel) twice: as rendered and stacked.
+    images_per_sprite = len(options.augmentations()) * max(len(options.backgrounds_for(s)) for s in SPLITS)
+    refuse_beyond_memory(len(files) * options.image_size**2 * (4 + 2 * 4 * images_per_sprite),
+                         f"preparing {len(files)} sprites at {options.image_size}x{options.image_size}",
+                         "cpu", "lower --image-size")
     sprites, bad, centre_cropped = _collect(files, options, log)
     skipped += bad
     if centre_cropped:
@@ -628,7 +637,7 @@ def prepare(source=None, out_dir=None, options=PrepareOptions(), force=False, lo
     splits = split_species([f.species for f, _ in sprites], options)
     split_of = {s: name for name, members in splits.items() for s in members}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir.parent)
     staging = _temporary_folder(out_dir, "staging")
     try:
         jobs = []
@@ -638,9 +647,13 @@ def prepare(source=None, out_dir=None, options=PrepareOptions(), force=False, lo
         for split in SPLITS:
             (staging / split).mkdir()
         # fork, not spawn: a training script has no __main__ guard for a child to re-run.
-        with ProcessPoolExecutor(workers or os.cpu_count(), mp_context=multiprocessing.get_context("fork"),
-                                 initializer=_die_with, initargs=(os.getpid(),)) as pool:
+        pool = ProcessPoolExecutor(workers or os.cpu_count(), mp_context=multiprocessing.get_context("fork"),
+                                   initializer=_die_with, initargs=(os.getpid(),))
+        try:
             rendered = list(pool.map(_render_sprite, jobs, chunksize=16))
+        finally:
+            # On an error or Ctrl-C, the sprites still queued are not rendered for nobody.
+            pool.shutdown(cancel_futures=True)
         summary = {}
         size = options.image_size
         for split in SPLITS:
@@ -667,7 +680,11 @@ def prepare(source=None, out_dir=None, options=PrepareOptions(), force=False, lo
         if out_dir.exists():
             old = _temporary_folder(out_dir, "old")
             os.replace(out_dir, old / "data")
-            os.replace(staging, out_dir)
+            try:
+                os.replace(staging, out_dir)
+            except BaseException:  # Ctrl-C between the two renames: the old set goes back
+                os.replace(old / "data", out_dir)
+                raise
             shutil.rmtree(old)
         else:
             os.replace(staging, out_dir)
@@ -777,6 +794,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.set and args.source:
         parser.error("--set and --source name two sources; give one")
+    if seed_problem(args.seed):
+        parser.error(f"--seed must be {seed_problem(args.seed)}, got {args.seed}")
     test_only = args.test_only or args.set is not None
     if args.rotations is None:
         args.rotations = "" if test_only else ",".join(f"{a:+d}" for a in d.rotations)
@@ -798,7 +817,8 @@ def main(argv=None):
             fetched = {k: record[k] for k in ("package", "version", "sha256")}
         print(_summary(prepare(source, out, options, force=args.force, fetched=fetched)))
         return 0
-    return exit_on_user_error(run)
+    return exit_on_user_error(run, interrupted="prepare stopped before its last step; the output folder is as it "
+                              "was before, and nothing half-prepared is left beside it")
 
 
 if __name__ == "__main__":

@@ -60,3 +60,39 @@ def describe_machine(device):
     names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
              if line.startswith("model name")] if cpuinfo.exists() else []
     return f"{names[0] if names else 'unknown CPU'}, {len(names) or '?'} cores, {torch.backends.cpu.get_cpu_capability()}"
+
+
+# What training holds for each parameter: the weight, its gradient and Adam's two moments.
+TRAINING_COPIES = 4
+GIB = 2**30
+
+
+def free_memory(device):
+    """Bytes free for new tensors on `device`, or None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:  # not Linux
+        return None
+    available = [int(line.split()[1]) * 1024 for line in lines if line.startswith("MemAvailable:")]
+    return available[0] if available else None
+
+
+def refuse_beyond_memory(needed, what, device, advice):
+    """A UserError before `what` allocates `needed` bytes that `device` has not got free, rather
+    than the allocator's traceback (or the kernel's kill) once it tries."""
+    device = torch.device(device)
+    free = free_memory(device)
+    if free is not None and needed > free:
+        raise UserError(f"{what} needs at least {needed / GIB:.1f} GiB, but {device.type} has "
+                        f"{free / GIB:.1f} GiB free; {advice}")
+
+
+def training_bytes(model):
+    """The least memory training `model` takes: its parameters' copies and its buffers (a
+    codebook's running counts), before any activation."""
+    parameters = sum(p.numel() * p.element_size() for p in model.parameters())
+    return TRAINING_COPIES * parameters + sum(b.numel() * b.element_size() for b in model.buffers())

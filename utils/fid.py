@@ -315,7 +315,9 @@ def main(argv=None):
                 "path2": str(args.paths[1]), "images2": stats[1].count})
             print(f"saved {args.json}")
         return 0
-    return exit_on_user_error(run)
+    # Every file is written whole or not at all (atomic_path), so this holds at any moment.
+    return exit_on_user_error(run, interrupted="FID stopped; each file it printed as saved is complete, "
+                              "and it wrote no other")
 
 
 if __name__ == "__main__":

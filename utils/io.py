@@ -1,5 +1,6 @@
 """Writes that are never seen half-done: write beside the target, then rename over it."""
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -23,6 +24,24 @@ def _cannot_write(path, err):
     return UserError(f"cannot write {path}: {err.strerror or err}; the {path.name} there before, if any, is unchanged")
 
 
+def make_folder(path):
+    """Make the folder `path` and its parents; a UserError naming it when the operating system
+    cannot (a file in its place or above it, a read-only or virtual file system)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            why = f"{existing} is a file, not a folder"
+        elif err.errno == errno.ENOENT:  # /proc and /sys have no folders to make, yet say "no such file"
+            why = f"the file system at {existing} does not let folders be made in it"
+        else:
+            why = err.strerror or str(err)
+        raise UserError(f"cannot make the folder {path}: {why}; choose another output folder") from None
+    return path
+
+
 def _os_error(err):
     """The operating system's error behind `err`, or None. torch.save, failing again as it closes
     its archive, reports a full disk as a RuntimeError raised while handling the OSError."""
@@ -42,8 +61,8 @@ def atomic_path(path):
     An error from the operating system (a full disk, a read-only folder) becomes a UserError that
     names the file, since the fix is on the user's side and nothing was replaced."""
     path = Path(path)
+    make_folder(path.parent)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
         os.fchmod(fd, 0o666 & ~_UMASK)
         os.close(fd)
@@ -92,7 +111,7 @@ def verified_download(root, download, digest, expected, mismatch):
     on success the staging folder replaces `root` in one rename, and a failure or a mismatch leaves
     nothing there that looks like data."""
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(root.parent)
     with tempfile.TemporaryDirectory(dir=root.parent, prefix=f".{root.name}.") as tmp:
         fetched = download(Path(tmp))
         got = digest(fetched)
@@ -137,7 +156,7 @@ def exclusive_lock(path, what):
     a file that a killed run left behind blocks nobody."""
     path = Path(path)
     made_folder = not path.parent.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     _refuse_a_foreign_lock_file(path)
     while True:
         # O_NOFOLLOW and O_NONBLOCK: a link or a FIFO put in the lock's place is refused, not followed or waited on.

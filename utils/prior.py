@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,14 +17,15 @@ from models import build_model, negative_log_likelihood, sample_codes
 from models.palette import sprite_palettes
 from utils.config import parse_config, print_config
 from utils.device import choose_device
-from utils.errors import UserError, exit_on_user_error
+from utils.errors import UserError, exit_on_user_error, first_sentence
 from utils.fid import fid
 from utils.fid_weights import resolve_fid_weights, weights_record
 from utils.images import from_batch, to_batch
 from utils.io import atomic_path, write_json
 from utils.plots import image_grid, save_png, upscale_nearest
 from utils.train import (LOG_EVERY, ROOT, TrainingDiverged, accelerated, batches, experiment_folder, experiment_lock,
-                         interrupted_message, load_model, load_splits, make_optimizer, prepare_output_dir, resume_from,
+                         interrupted_message, load_model, load_splits, make_optimizer, prepare_output_dir,
+                         refuse_a_model_beyond_memory, resume_from,
                          save_checkpoint, seed_everything, start_output_dir, training_subset, write_model_and_history)
 
 MODEL_TYPE = "pixelcnn"
@@ -82,11 +84,23 @@ def code_grids(vq_model, splits, key, path, batch_size, device):
     A cache made under another key is refused rather than re-encoded: a checkpoint resumed from
     it learnt other codes."""
     if path.exists():
-        with np.load(path) as saved:
-            if str(saved["key"]) != key:
-                raise UserError(f"{path} holds the codes of another VQ model, data set or training subset "
-                                "than this run's; start the prior again with --overwrite=True")
-            return {split: saved[split] for split in splits}
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                cached_key = str(saved["key"])
+                grids = {split: saved[split] for split in splits} if cached_key == key else None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            raise UserError(f"{path} is not a code cache this code can read ({first_sentence(err)}); "
+                            "delete it, and its codes are encoded again") from None
+        if grids is None:
+            raise UserError(f"{path} holds the codes of another VQ model, data set or training subset "
+                            "than this run's; start the prior again with --overwrite=True")
+        codes = vq_model.quantizer.num_embeddings
+        bad = [split for split, grid in grids.items() if grid.dtype.kind not in "iu" or grid.ndim != 3
+               or (grid.size and not 0 <= grid.min() <= grid.max() < codes)]
+        if bad:
+            raise UserError(f"{path} holds {bad[0]} codes that are not grids of codes 0 to {codes - 1}; "
+                            "delete it, and its codes are encoded again")
+        return grids
     started = time.perf_counter()
     grids = {split: encode_split(vq_model, sprites, batch_size, device, split) for split, sprites in splits.items()}
     # A file object rather than the name, or numpy would append .npz to the temporary name.
@@ -249,6 +263,8 @@ def train_prior(config):
     out = experiment_folder(config)
     device = choose_device(config["device"])
     vq_model, vq_config = load_vq_model(config, device)
+    refuse_a_model_beyond_memory(MODEL_TYPE, dict(config, num_embeddings=vq_config["num_embeddings"]), device,
+                                 "the prior config")
     checkpoint_path = out / "checkpoint.pt"
     resume_path = prepare_output_dir(out, config)
     seed_everything(config["seed"])

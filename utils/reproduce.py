@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 
 from utils import plan as planned
-from utils.config import parse_config
+from utils.config import parse_config, seed_problem
 from utils.device import choose_device, describe_machine
 from utils.errors import UserError
 from utils.fid_weights import resolve_fid_weights
-from utils.io import write_json
+from utils.io import make_folder, write_json
 from utils.reconstruct import score_prepared_set
 from utils.report import DEFAULT_FID, load_experiments, update_fids
 from utils.results import OOD_FILE, RUN_FILE, publish, write_readme_block, write_results
@@ -164,7 +164,7 @@ def run_one(entry, status, args):
     if status == "resume":
         command.append("--resume=True")
     logs = args.outputs / LOG_DIR
-    logs.mkdir(parents=True, exist_ok=True)
+    make_folder(logs)
     log = logs / f"{entry['name']}.log"
     timing_path = logs / f"{entry['name']}.json"
     timing = recorded_timing(logs, entry["name"]) or {"wall_seconds": 0.0, "attempts": 0}
@@ -263,6 +263,9 @@ def parse_args(argv):
         args.seeds = [int(seed) for seed in args.seeds.split(",")]
     except ValueError:
         parser.error(f"--seeds takes comma-separated integers, got {args.seeds!r}")
+    bad = [seed for seed in args.seeds if seed_problem(seed)]
+    if bad:
+        parser.error(f"--seeds must each be {seed_problem(bad[0])}, got {bad[0]}")
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds repeats a seed: {args.seeds}")
     args.only = [group for group in args.only.split(",") if group]

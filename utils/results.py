@@ -32,7 +32,6 @@ def shown_sprites(names, count=SHOWN_SPRITES):
 
 
 def _copy(source, target):
-    target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
         shutil.copyfile(source, tmp)
 

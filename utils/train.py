@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models import build_model, model_defaults, model_keys, objective_keys
+from models import build_model, described_model, model_defaults, model_keys, objective_keys
 from models.collectives import all_reduce_sum
 from models.fast import accelerate
 from models.fast.threads import cpu_has_bfloat16
@@ -24,9 +24,10 @@ from utils.config import parse_config, print_config, save_config
 from utils.data_parallel import (agreed, barrier, batch_shares, data_parallel, earliest_over_ranks,
                                  gathered_on_first_rank, is_first_rank, process_device, process_group,
                                  same_buffers_as_first_rank, summed_over_ranks, world_size)
+from utils.device import refuse_beyond_memory, training_bytes
 from utils.errors import UserError, exit_on_user_error, first_sentence
 from utils.fusions import write_fusions
-from utils.io import atomic_path, exclusive_lock, remove_temp_files, temp_target, write_json
+from utils.io import atomic_path, exclusive_lock, make_folder, remove_temp_files, temp_target, write_json
 from utils.images import from_batch, to_batch
 from utils.metrics import codebook_stats, colour_counts, image_metrics
 from utils.plots import image_grid, plot_codebook_usage, plot_losses, save_gif, save_png, upscale_nearest
@@ -513,7 +514,7 @@ def load_model(experiment, device, fast=None):
 
 
 def write_reconstructions(folder, names, images):
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     for name, image in zip(names, images):
         save_png(image, folder / name)
 
@@ -590,9 +591,22 @@ def train(model_type, config, device):
         return train_unlocked(model_type, config, device)
 
 
+def refuse_a_model_beyond_memory(model_type, config, device, what="the model config"):
+    """A UserError for a config that does not build, or whose model could not be trained in the
+    memory `device` has free; checked on weightless copies before any data or weight is made."""
+    try:
+        described = described_model(model_type, config)
+    except ValueError as err:
+        raise UserError(f"{what} does not fit: {err}") from None
+    numbers = sum(t.numel() for t in (*described.parameters(), *described.buffers()))
+    refuse_beyond_memory(training_bytes(described), f"training this {model_type} ({numbers:,} weights)", device,
+                         "lower num_embeddings, embedding_dim or the filter counts")
+
+
 def train_unlocked(model_type, config, device):
     """`train` once rank 0 holds the experiment's lock."""
     print_config(config)
+    refuse_a_model_beyond_memory(model_type, config, device)
     uses_fast_path(config, device)
     if config.get("precision") == "bf16" and device.type == "cpu" and not cpu_has_bfloat16() and is_first_rank():
         print("warning: this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX), so precision 'bf16' "
