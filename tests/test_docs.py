@@ -12,7 +12,7 @@ import pytest
 
 from utils.config import parse_config
 from utils.reproduce import script_defaults
-from utils.results import README_BEGIN, README_END, headline_block, write_results
+from utils.results import README_BEGIN, README_END, TOKENIZER_GOALS, goal_verdict, headline_block, write_results
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -91,3 +91,23 @@ def test_results_md_is_what_utils_results_writes_from_the_published_files(tmp_pa
     copy = tmp_path / "results"
     shutil.copytree(RESULTS, copy)
     assert write_results(copy).read_text() == (RESULTS / "results.md").read_text()
+
+
+def run_with(**metrics):
+    return {"metrics": metrics, "fid": None}
+
+
+@pytest.mark.parametrize("values, verdict", [((0.96, 0.97), "met on every seed (0.96, 0.97)"),
+                                             ((0.94, 0.96), "met on 1 of 2 seeds (0.94, 0.96)"),
+                                             ((0.90, 0.949), "not met on any seed (0.9, 0.949)")])
+def test_a_tokenizer_goal_is_met_only_where_each_seed_meets_it(values, verdict):
+    _, value, side, bound = next(goal for goal in TOKENIZER_GOALS if goal[0] == "SSIM")
+    assert goal_verdict([run_with(ssim=v) for v in values], value, side, bound) == verdict
+
+
+def test_an_at_most_goal_and_a_missing_value_are_not_met():
+    _, value, side, bound = next(goal for goal in TOKENIZER_GOALS if goal[0].startswith("output colours"))
+    runs = [run_with(output_colours=12, input_colours=10), run_with(output_colours=13, input_colours=10)]
+    assert goal_verdict(runs, value, side, bound) == "met on 1 of 2 seeds (1.2, 1.3)"
+    _, usage, side, bound = next(goal for goal in TOKENIZER_GOALS if goal[0].startswith("share of the codebook"))
+    assert goal_verdict([run_with()], usage, side, bound) == "not met on any seed (-)"

@@ -161,8 +161,11 @@ def test_a_damaged_code_cache_is_refused_in_one_line_and_left_alone(tmp_path, da
 def interrupted(command, busy):
     """Run `command` in its own process group and press Ctrl-C (SIGINT to the group, as a
     terminal does) once `busy()` says it is in the middle of its work; its (exit status, stderr)."""
+    # A terminal's program starts with SIGINT at its default, even where the tests run in the
+    # background (which ignores it, and an ignored signal stays ignored across exec).
     started = subprocess.Popen([PYTHON, *command], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
+                               text=True, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not busy(started) and started.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

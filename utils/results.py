@@ -448,6 +448,44 @@ def ood_section(results, bounds):
     return parts
 
 
+# The goals set for a 16x16 tokenizer: (what, the value of a run, at least or at most, the bound).
+BIT_BUDGET, BIT_BUDGET_WITH_PALETTE = 2560, 5120
+TOKENIZER_GOALS = (
+    ("reconstruction FID", fid_of, "at most", 5.0),
+    ("SSIM", lambda r: r["metrics"]["ssim"], "at least", 0.95),
+    ("palette-exact pixels", lambda r: r["metrics"]["palette_exact_pixel_rate"], "at least", 0.75),
+    ("sprite exact pixels", lambda r: r["metrics"]["sprite_exact_pixel_rate"], "at least", 0.50),
+    ("output colours over input colours", lambda r: r["metrics"]["output_colours"] / r["metrics"]["input_colours"],
+     "at most", 1.2),
+    ("share of the codebook in use on the test split", lambda r: r["metrics"].get("usage"), "at least", 0.90),
+)
+
+
+def goal_verdict(runs, value, side, bound):
+    """'met on every seed', 'not met on any seed' or 'met on k of n seeds', with the values."""
+    values = [value(r) for r in runs]
+    met = [v is not None and (v >= bound if side == "at least" else v <= bound) for v in values]
+    verdict = ("met on every seed" if all(met) else "not met on any seed" if not any(met)
+               else f"met on {sum(met)} of {len(met)} seeds")
+    shown = ", ".join("-" if v is None else f"{v:.3g}" for v in values)
+    return f"{verdict} ({shown})"
+
+
+def tokenizer_section(tokenizer):
+    parts = ["## 6. The 16x16 tokenizer against its goals",
+             _markdown(AUTOENCODER_HEADER, autoencoder_rows(tokenizer))]
+    for config, runs in tokenizer.items():
+        bits = runs[0]["metrics"]["bits_per_sprite"]
+        palette_bits = runs[0]["metrics"].get("palette_bits") or 0
+        lines = [f"- {what} {side} {bound:g}: {goal_verdict(runs, value, side, bound)}"
+                 for what, value, side, bound in TOKENIZER_GOALS]
+        parts += [f"{runs[0]['label']} (`{config}`, {_runs_text(runs)}): {bits:.0f} bits per sprite, of which "
+                  f"{palette_bits:.0f} its palette; within the {BIT_BUDGET:,}-bit budget: "
+                  f"{'yes' if bits <= BIT_BUDGET else 'no'}, within {BIT_BUDGET_WITH_PALETTE:,} with the palette: "
+                  f"{'yes' if bits <= BIT_BUDGET_WITH_PALETTE else 'no'}.", "\n".join(lines)]
+    return parts
+
+
 def limits_section(results, ablation):
     ablation_labels = [runs[0]["label"] for runs in ablation.values()]
     lines = ["- Nothing here is at the paper's length: every run is at the budget above "
@@ -511,8 +549,9 @@ def write_results(results_dir):
     bounds = load_bounds(results_dir)
     paper, ablation = by_config(results, "paper"), by_config(results, "ablation")
     priors, exact = by_config(results, "downstream"), by_config(results, "exact")
+    tokenizer = by_config(results, "tokenizer")
     groups = {name: configs for name, configs in (("paper", paper), ("ablation", ablation), ("exact", exact),
-                                                   ("downstream", priors)) if configs}
+                                                   ("downstream", priors), ("tokenizer", tokenizer)) if configs}
     parts = ["# Results of `python -m utils.reproduce`",
              "Every number below is computed from the files in this folder by `python -m utils.reproduce "
              "--tables-only`. A difference is claimed only between runs of the same code and length whose seed "
@@ -531,7 +570,8 @@ def write_results(results_dir):
         ablation_figure(stages, results_dir / "ablation.png")
     points = [(f"{runs[0]['group']}: {runs[0]['label']}", runs[0]["metrics"]["bits_per_sprite"],
                spread([r["metrics"]["sprite_exact_pixel_rate"] for r in runs]),
-               spread([r["metrics"]["ssim"] for r in runs])) for runs in [*paper.values(), *ablation.values(), *exact.values()]]
+               spread([r["metrics"]["ssim"] for r in runs])) for runs in [*paper.values(), *ablation.values(), *exact.values(),
+                                                                              *tokenizer.values()]]
     drawn = rate_figure(points, results_dir / "rate_exactness.png")
     if exact:
         parts += exact_section(exact, results, bounds)
@@ -540,6 +580,8 @@ def write_results(results_dir):
     if priors:
         parts += downstream_section(priors)
     parts += ood_section(results, bounds)
+    if tokenizer:
+        parts += tokenizer_section(tokenizer)
     parts += limits_section(results, ablation)
     parts += ["## Wall time of each experiment", _markdown(TIME_HEADER, time_rows(results))]
     path = results_dir / "results.md"
