@@ -12,7 +12,8 @@ import pytest
 
 from utils.config import parse_config
 from utils.reproduce import script_defaults
-from utils.results import README_BEGIN, README_END, TOKENIZER_GOALS, goal_verdict, headline_block, write_results
+from utils.results import (README_BEGIN, README_END, SAME, TOKENIZER_GOALS, compare, goal_verdict, headline_block,
+                           write_results)
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -111,3 +112,19 @@ def test_an_at_most_goal_and_a_missing_value_are_not_met():
     assert goal_verdict(runs, value, side, bound) == "met on 1 of 2 seeds (1.2, 1.3)"
     _, usage, side, bound = next(goal for goal in TOKENIZER_GOALS if goal[0].startswith("share of the codebook"))
     assert goal_verdict([run_with()], usage, side, bound) == "not met on any seed (-)"
+
+
+def seed_run(seed, ssim, keys=("learning_rate",), script="train_vqvae.py"):
+    config = {key: 0.001 for key in keys}
+    return {"seed": seed, "script": script, "config_json": config, "label": script,
+            "metrics": {"ssim": ssim, "epochs": 3}}
+
+
+def test_only_runs_of_the_newest_code_among_those_compared_count():
+    a = [seed_run(1, 0.90), seed_run(2, 0.91)]
+    b = [seed_run(1, 0.80), seed_run(2, 0.81)]
+    later = seed_run(42, 0.99, keys=("learning_rate", "architecture"))
+    assert compare(a, b, "ssim")["verdict"] == "better"
+    outcome = compare([*a, later], b, "ssim")
+    assert (outcome["verdict"], outcome["dropped"]) == (SAME, [1, 2])
+    assert outcome["reason"] == "fewer than two seeds of the same code"

@@ -164,6 +164,11 @@ def code_histogram_size(config):
     return _model_of(config).code_histogram_size
 
 
+def draws_with_palette(config):
+    """Whether the model of `config` draws with the sprite's palette, so that its bits count it."""
+    return bool(getattr(_model_of(config), "draws_with_palette", False))
+
+
 def code_grid_size(config):
     """Side of the code grid of the VQ model of `config` for its image_size."""
     return _model_of(config).code_grid_size(config["image_size"])

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+from models.palette import BITS_PER_COLOUR
 from utils.errors import UserError
 from utils.figures import ablation_figure, rate_figure, reconstruction_figure
 from utils.io import atomic_path, write_json
-from utils.metrics import code_grid_size, load_rgb
+from utils.metrics import code_grid_size, draws_with_palette, load_rgb
 from utils.report import reference_dir
 
 RUN_FILE = "reproduce.json"  # the plan's entry, the budget and the wall time
@@ -246,10 +247,11 @@ def value_of(run, key):
     return run["metrics"].get(key)
 
 
-def missing_keys(run, results):
-    """The config keys `run` lacks that other published runs of its script have: a run of older
-    code, before those keys existed, reads as such."""
-    keys = set().union(*(r["config_json"] for r in results if r["script"] == run["script"]))
+def missing_keys(run, others):
+    """The config keys `run` lacks that `others` of its script have: a run of older code, before
+    those keys existed, reads as such. `others` are the runs it is compared with, not every
+    published run: a later experiment on newer code does not make two seeds of one code unequal."""
+    keys = set().union(*(r["config_json"] for r in others if r["script"] == run["script"]))
     return sorted(keys - set(run["config_json"]))
 
 
@@ -266,12 +268,12 @@ def length_of(run):
     return (run["metrics"].get("epochs"), c.get("learning_rate"), c.get("max_train_images"))
 
 
-def compare(a, b, key, results, lower_is_better=False):
+def compare(a, b, key, lower_is_better=False):
     """Whether configuration `a`'s runs beat `b`'s on `key`: 'better', 'worse' or SAME, with the
     reason and the seed ranges. A difference is claimed only between runs of the same code (no
     config key missing) and the same length, at two seeds or more each, whose min-max ranges do
     not overlap."""
-    current = [[r for r in runs if not missing_keys(r, results) and value_of(r, key) is not None] for runs in (a, b)]
+    current = [[r for r in runs if not missing_keys(r, [*a, *b]) and value_of(r, key) is not None] for runs in (a, b)]
     dropped = sorted({r["seed"] for r in [*a, *b]} - {r["seed"] for r in [*current[0], *current[1]]})
     ranges = [(min(value_of(r, key) for r in runs), max(value_of(r, key) for r in runs)) if runs else None
               for runs in current]
@@ -303,10 +305,10 @@ METRICS = {  # key: (name, digits, scale, suffix, lower is better)
 }
 
 
-def comparison_sentence(a, b, key, results):
+def comparison_sentence(a, b, key):
     """One sentence: `a` against `b` on `key`, with the seeds, their ranges and the verdict."""
     name, digits, scale, suffix, lower = METRICS[key]
-    outcome = compare(a, b, key, results, lower)
+    outcome = compare(a, b, key, lower)
     sides = [f"{runs[0]['label']} ({_range_text(r, digits, scale, suffix)}, seeds "
              f"{', '.join(map(str, seeds))})" if r else f"{runs[0]['label']} (no seed of the same code)"
              for runs, r, seeds in zip((a, b), outcome["ranges"], outcome["seeds"])]
@@ -362,27 +364,27 @@ def paper_section(paper, results, bounds):
     return parts + [text]
 
 
-def ablation_section(ablation, results):
+def ablation_section(ablation):
     side_config = next(iter(ablation.values()))[0]["config_json"]
     side = code_grid_size(side_config)
     parts = [f"## 2. The ablation: a {side}x{side} grid of {side_config['num_embeddings']} codes of dimension "
              f"{side_config['embedding_dim']}, stage by stage", _markdown(AUTOENCODER_HEADER, autoencoder_rows(ablation)),
              "![the ablation, stage by stage (mean and sd over seeds)](ablation.png)"]
     runs = [r for config in ablation.values() for r in config]
-    older = sorted({r["seed"] for r in runs if missing_keys(r, results)})
+    older = sorted({r["seed"] for r in runs if missing_keys(r, runs)})
     if older:
-        lacking = sorted({k for r in runs for k in missing_keys(r, results)})
+        lacking = sorted({k for r in runs for k in missing_keys(r, runs)})
         parts.append(f"Seed{'s' if len(older) > 1 else ''} {', '.join(map(str, older))} ran older code (its configs "
                      f"lack {', '.join(f'`{k}`' for k in lacking)}); the processors: {machines_of(runs)}. The mean ± sd "
                      "above mixes code and machine with the seed; the comparisons below leave those runs out.")
     stages = list(ablation.values())
     lines = [f"- {stage[0]['label']} against {stages[0][0]['label']}: " +
-             " ".join(comparison_sentence(stage, stages[0], key, results) for key in ("ssim", "mse", "sprite_exact_pixel_rate", "fid"))
+             " ".join(comparison_sentence(stage, stages[0], key) for key in ("ssim", "mse", "sprite_exact_pixel_rate", "fid"))
              for stage in stages[1:]]
     return parts + ["Conclusions, each stage against the first (same code, same length, seed ranges):", "\n".join(lines)]
 
 
-def exact_section(exact, results, bounds):
+def exact_section(exact, bounds):
     parts = ["## 3. Exact codes (bits per sprite count the palette)", _markdown(AUTOENCODER_HEADER, autoencoder_rows(exact)),
              "![sprite-pixel exactness and SSIM against bits per sprite](rate_exactness.png)"]
     dataset = next(iter(exact.values()))[0]["config_json"].get("dataset")
@@ -407,7 +409,7 @@ def exact_section(exact, results, bounds):
               ("exact_palette_context_per_pixel", "exact_palette_per_pixel")) if with_context in exact and without in exact]
     if pairs:
         parts += ["Palette context, each with against without:",
-                  "\n".join("- " + " ".join(comparison_sentence(a, b, key, results) for key in ("sprite_exact_pixel_rate", "val_loss"))
+                  "\n".join("- " + " ".join(comparison_sentence(a, b, key) for key in ("sprite_exact_pixel_rate", "val_loss"))
                             for a, b in pairs)]
     return parts
 
@@ -475,14 +477,22 @@ def tokenizer_section(tokenizer):
     parts = ["## 6. The 16x16 tokenizer against its goals",
              _markdown(AUTOENCODER_HEADER, autoencoder_rows(tokenizer))]
     for config, runs in tokenizer.items():
-        bits = runs[0]["metrics"]["bits_per_sprite"]
-        palette_bits = runs[0]["metrics"].get("palette_bits") or 0
+        m = runs[0]["metrics"]
+        bits = m["bits_per_sprite"]
         lines = [f"- {what} {side} {bound:g}: {goal_verdict(runs, value, side, bound)}"
                  for what, value, side, bound in TOKENIZER_GOALS]
-        parts += [f"{runs[0]['label']} (`{config}`, {_runs_text(runs)}): {bits:.0f} bits per sprite, of which "
-                  f"{palette_bits:.0f} its palette; within the {BIT_BUDGET:,}-bit budget: "
-                  f"{'yes' if bits <= BIT_BUDGET else 'no'}, within {BIT_BUDGET_WITH_PALETTE:,} with the palette: "
-                  f"{'yes' if bits <= BIT_BUDGET_WITH_PALETTE else 'no'}.", "\n".join(lines)]
+        if draws_with_palette(runs[0]["config_json"]):
+            code_bits = bits - BITS_PER_COLOUR * m["input_colours"]
+            rate = (f"{bits:.0f} bits per sprite: {code_bits:.0f} of codes, {bits - code_bits:.0f} of the palette it "
+                    f"draws with; codes within the {BIT_BUDGET:,}-bit budget: {'yes' if code_bits <= BIT_BUDGET else 'no'}, "
+                    f"codes and palette within {BIT_BUDGET_WITH_PALETTE:,}: {'yes' if bits <= BIT_BUDGET_WITH_PALETTE else 'no'}.")
+        else:
+            with_palette = bits + m["palette_bits"]
+            rate = (f"{bits:.0f} bits per sprite, all of codes (it carries no palette); within the {BIT_BUDGET:,}-bit "
+                    f"budget: {'yes' if bits <= BIT_BUDGET else 'no'}; with the {m['palette_bits']:.0f} bits of the palette "
+                    f"that palette-exact pixels snap to, {with_palette:.0f}, within {BIT_BUDGET_WITH_PALETTE:,}: "
+                    f"{'yes' if with_palette <= BIT_BUDGET_WITH_PALETTE else 'no'}.")
+        parts += [f"{runs[0]['label']} (`{config}`, {_runs_text(runs)}): {rate}", "\n".join(lines)]
     return parts
 
 
@@ -564,7 +574,7 @@ def write_results(results_dir):
     if paper:
         parts += paper_section(paper, results, bounds)
     if ablation:
-        parts += ablation_section(ablation, results)
+        parts += ablation_section(ablation)
         stages = [(runs[0]["label"], {name: spread([r["metrics"][key] for r in runs]) for name, key in ABLATION_BARS})
                   for runs in ablation.values()]
         ablation_figure(stages, results_dir / "ablation.png")
@@ -574,7 +584,7 @@ def write_results(results_dir):
                                                                               *tokenizer.values()]]
     drawn = rate_figure(points, results_dir / "rate_exactness.png")
     if exact:
-        parts += exact_section(exact, results, bounds)
+        parts += exact_section(exact, bounds)
         if not drawn:
             parts = [p for p in parts if "rate_exactness.png" not in p]
     if priors:
