@@ -452,6 +452,7 @@ def ood_section(results, bounds):
 
 # The goals set for a 16x16 tokenizer: (what, the value of a run, at least or at most, the bound).
 BIT_BUDGET, BIT_BUDGET_WITH_PALETTE = 2560, 5120
+PAPER_STACK = "tokenizer_paper_pixel_vqvae"  # the tokenizer group's baseline: the paper's encoder at the same length
 TOKENIZER_GOALS = (
     ("reconstruction FID", fid_of, "at most", 5.0),
     ("SSIM", lambda r: r["metrics"]["ssim"], "at least", 0.95),
@@ -493,6 +494,13 @@ def tokenizer_section(tokenizer):
                     f"that palette-exact pixels snap to, {with_palette:.0f}, within {BIT_BUDGET_WITH_PALETTE:,}: "
                     f"{'yes' if with_palette <= BIT_BUDGET_WITH_PALETTE else 'no'}.")
         parts += [f"{runs[0]['label']} (`{config}`, {_runs_text(runs)}): {rate}", "\n".join(lines)]
+    baseline = tokenizer.get(PAPER_STACK)
+    others = [runs for config, runs in tokenizer.items() if config != PAPER_STACK]
+    if baseline and others:
+        parts += [f"Against {baseline[0]['label']} (same length, seed ranges):", "\n".join(
+            f"- {runs[0]['label']}: " + " ".join(comparison_sentence(runs, baseline, key) for key in
+                                               ("ssim", "mse", "sprite_exact_pixel_rate", "palette_exact_pixel_rate", "fid"))
+            for runs in others)]
     return parts
 
 
