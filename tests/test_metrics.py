@@ -12,9 +12,9 @@ from skimage.metrics import peak_signal_noise_ratio
 
 from tests.helpers import exit_status
 from tests.sprites import sprite_rgba
-from utils.metrics import (PSNR_CAP_DB, bits_per_sprite, codebook_stats, colours_per_image, exact_pixel_rate,
+from utils.metrics import (PSNR_CAP_DB, bits_per_sprite, cleanliness, codebook_stats, colours_per_image, exact_pixel_rate,
                            foreign_colour_rate, image_metrics, main, mse, palette_metrics, psnr,
-                           sprite_exact_pixel_rate, ssim, to_uint8)
+                           outline_continuities, silhouettes, speckle_rates, sprite_exact_pixel_rate, ssim, to_uint8)
 
 REPO = Path(__file__).resolve().parents[1]
 RED, GREEN, BLUE, WHITE = (200, 40, 40), (40, 160, 60), (30, 30, 120), (255, 255, 255)
@@ -294,3 +294,41 @@ def test_cli_refuses_images_of_different_sizes(tmp_path, capsys):
     write_pngs(tmp_path / "recon", [np.zeros((20, 20, 3), np.uint8)], ["a.png"])
     assert exit_status(main, [str(tmp_path / "inputs"), str(tmp_path / "recon")]) == 2
     assert "a.png is 16x16" in capsys.readouterr().err
+
+
+def _sprite_on_white():
+    """A 6x6 white image holding a 4x4 square: a black outline ring around a 2x2 red body."""
+    image = np.full((6, 6, 3), 255, np.uint8)
+    image[1:5, 1:5] = 0
+    image[2:4, 2:4] = (200, 0, 0)
+    return image
+
+
+def test_speckle_counts_pixels_no_neighbour_shares():
+    clean = _sprite_on_white()
+    speckled = clean.copy()
+    speckled[2, 2] = (0, 0, 200)  # one blue pixel amid red and black: isolated
+    rates = speckle_rates(np.stack([clean, speckled]), (255, 255, 255))
+    # 16 sprite pixels; the blue one alone has no neighbour of its colour (red at (2,3) still has (3,3)).
+    assert rates[0] == 0.0
+    assert rates[1] == pytest.approx(1 / 16)
+    assert np.isnan(speckle_rates(np.full((1, 4, 4, 3), 255, np.uint8), (255, 255, 255))[0])
+
+
+def test_outline_continuity_is_the_dark_share_of_the_silhouettes_edge():
+    clean = _sprite_on_white()
+    gap = clean.copy()
+    gap[1, 2:4] = (240, 200, 200)  # two light pixels break the top of the outline
+    soft = np.full((1, 6, 6, 3), 255, np.uint8)
+    soft[0, 1:5, 1:5] = (200, 0, 0)  # no outline at all
+    values = outline_continuities(np.stack([clean, gap, soft[0]]), (255, 255, 255))
+    assert values.tolist() == [1.0, pytest.approx(10 / 12), 0.0]
+
+
+def test_cleanliness_on_a_black_background_ignores_black_pixels_as_background():
+    image = np.zeros((1, 6, 6, 3), np.uint8)
+    image[0, 2:4, 2:4] = (200, 0, 0)
+    scores = cleanliness(image, np.array([[0, 0, 0]], np.uint8))
+    assert scores["colours"].tolist() == [2.0]
+    assert scores["speckle_rate"].tolist() == [0.0]
+    assert silhouettes(image, (0, 0, 0)).sum() == 4

@@ -10,8 +10,9 @@ from tests.helpers import ROOT, TINY
 from utils.prior import run_prior
 from utils.train import run_experiment
 
+PRIOR_SCRIPTS = {"train_pixelcnn.py": "pixelcnn", "train_gpt.py": "gpt"}
 SCRIPTS = {"train_vae.py": "vae", "train_vqvae.py": "vqvae", "train_pixel_vqvae.py": "vqvae",
-           "train_pixelcnn.py": None}
+           **{script: None for script in PRIOR_SCRIPTS}}
 DEFAULTS = {script: runpy.run_path(str(ROOT / script))["config"] for script in SCRIPTS}
 
 # (key, bad value as typed, what the message says the key must be)
@@ -70,6 +71,16 @@ BAD_VALUES = [
     ("num_samples", "1", "at least 2"),
     ("temperature", "0", "above 0"),
     ("temperature", "nan", "a finite number"),
+    ("top_k", "-1", "at least 0"),
+    ("top_p", "0", "above 0 and at most 1"),
+    ("top_p", "1.5", "above 0 and at most 1"),
+    ("condition_on_background", "maybe", "expects bool"),
+    ("sample_background", "grey", "one of both, white, black"),
+    ("width", "0", "at least 1"),
+    ("num_heads", "0", "at least 1"),
+    ("num_heads", "3", "a divisor of width"),
+    ("dropout", "1.0", "at least 0 and below 1"),
+    ("dropout", "-0.1", "at least 0 and below 1"),
     ("fid_dims", "100", "one of 64, 192, 768, 2048"),
     ("architecture", "unet", "one of paper, residual"),
     ("residual_channels", "0", "at least 1"),
@@ -96,7 +107,7 @@ def run_script(script, argv):
     """The script's own entry point on `argv`, in this process; returns its exit status."""
     with pytest.raises(SystemExit) as end:
         if SCRIPTS[script] is None:
-            run_prior(DEFAULTS[script], argv)
+            run_prior(DEFAULTS[script], argv, PRIOR_SCRIPTS[script])
         else:
             run_experiment(SCRIPTS[script], DEFAULTS[script], argv)
     return end.value.code

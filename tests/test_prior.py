@@ -160,7 +160,7 @@ def test_training_on_the_codes_of_tiny_sprites_lowers_the_held_out_bits_per_code
     torch.manual_seed(0)
     model = GatedPixelCNN(16, hidden_channels=16, num_layers=3, kernel_size=3)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    config = {"seed": 0, "batch_size": 8, "epochs": 1}
+    config = {"seed": 0, "batch_size": 8, "epochs": 1, "learning_rate": 3e-3}
     before = run_prior_epoch(model, val, config, "cpu", 0)
     steps, epoch = 0, 0
     while steps < 300:
@@ -189,7 +189,7 @@ def test_paired_rows_put_each_row_of_samples_over_its_nearest_images_and_pad_the
 
 def test_without_fid_weights_the_fid_is_none_with_the_reason(tmp_path):
     images = np.zeros((2, 16, 16, 3), np.uint8)
-    result = sample_fid(images, images, {"fid_weights": str(tmp_path / "absent.pth"), "fid_dims": 64}, "cpu")
+    result = sample_fid(images, images, images, {"fid_weights": str(tmp_path / "absent.pth"), "fid_dims": 64}, "cpu")
     assert result["fid"] is None and "absent.pth do not exist" in result["fid_reason"]
 
 
@@ -209,3 +209,53 @@ def test_sample_figures_show_the_first_samples_only(tmp_path):
     prior_module.write_sample_figures(samples[:first], nearest[:first], tmp_path / "first")
     for name in ("sample_grid.png", "nearest_grid.png"):
         assert (tmp_path / "all" / name).read_bytes() == (tmp_path / "first" / name).read_bytes()
+
+
+TINY_GPT = ["--width=16", "--num_layers=1", "--num_heads=2", "--batch_size=8", "--epochs=1", "--warmup_steps=2",
+            "--num_samples=4", "--fid_dims=64", "--device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def gpt_prior(vq_folder, tiny_data, random_weights):
+    args = [sys.executable, "train_gpt.py", f"--output_dir={vq_folder}", "--vq_experiment=vq",
+            f"--dataset={tiny_data}", "--experiment_name=gpt", f"--fid_weights={random_weights}", *TINY_GPT]
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return vq_folder / "gpt"
+
+
+def test_the_gpt_prior_learns_the_plain_background_codes_and_scores_its_samples_beside_real_sprites(
+        gpt_prior, tiny_data):
+    for name in EVERY_OUTPUT:
+        assert (gpt_prior / name).is_file(), name
+    metrics = json.loads((gpt_prior / "metrics.json").read_text())
+    assert metrics["prior"] == "gpt" and metrics["code_grid"] == [16, 16]
+    train_names = json.loads((tiny_data / "train_names.json").read_text())
+    model, model_type, config = load_model(gpt_prior, "cpu")
+    assert model_type == "gpt" and model.num_classes == 2 and model.code_cells == 256
+    # Conditioned on the background: the noise backgrounds are left out.
+    with np.load(gpt_prior / "codes.npz") as saved:
+        assert metrics["train_grids"] == len(saved["train"]) < len(train_names)
+    assert math.isfinite(metrics["fid"]) and math.isfinite(metrics["floor_fid"])
+    assert metrics["floor_reference"] == "4 training sprites, drawn at random"
+    assert metrics["sample_background"] == "both"
+    for scores in (metrics["cleanliness"], metrics["real"]["cleanliness"]):
+        assert set(scores) == {"colours", "speckle_rate", "outline_continuity"}
+        assert all(s["p5"] <= s["mean"] <= s["p95"] for s in scores.values())
+    assert 0 <= metrics["real"]["nearest_code_share_mean"] <= 1 and metrics["real"]["nearest_mse_mean"] >= 0
+    nearest = json.loads((gpt_prior / "samples" / "nearest.json").read_text())
+    assert all(0 <= row["shared_codes"] <= 256 for row in nearest)
+
+
+def test_sample_labels_follow_sample_background():
+    config = {"num_samples": 5, "sample_background": "both"}
+    assert prior_module.sample_labels(config).tolist() == [0, 1, 0, 1, 0]
+    assert prior_module.sample_labels({**config, "sample_background": "black"}).tolist() == [1] * 5
+    assert prior_module.BACKGROUNDS[:2] == ["white", "black"]
+
+
+def test_an_unconditioned_samples_background_is_the_plain_colour_nearer_its_corner():
+    samples = np.zeros((3, 4, 4, 3), np.uint8)
+    samples[0] = 250
+    samples[2] = 90
+    assert prior_module.sample_backgrounds(samples).tolist() == [0, 1, 1]

@@ -59,7 +59,8 @@ def test_smoke_plan_holds_every_group_at_equal_capacity():
                      "exact_palette_pixel_vqvae_s42", "exact_palette_per_pixel_s42",
                      "exact_palette_context_pixel_vqvae_s42", "exact_palette_context_per_pixel_s42",
                      "prior_palette_pixel_vqvae_s42", "tokenizer_tokenizer_s42", "tokenizer_paper_pixel_vqvae_s42",
-                     "tokenizer_adapter_s42", "tokenizer_vqvae_ssim_s42", "tokenizer_ssim_s42"]
+                     "tokenizer_adapter_s42", "tokenizer_vqvae_ssim_s42", "tokenizer_ssim_s42",
+                     "generation_gpt_tokenizer_s42"]
     ablation = {e["config"]: {**script_defaults(e["script"]), **e["overrides"]} for e in entries
                 if e["group"] == "ablation"}
     # Every stage has the same grid and codebook; each adds its switch to the stage before.
@@ -87,10 +88,10 @@ def test_cpu_and_paper_budgets_keep_one_budget_per_group_and_draw_1000_samples()
     assert all("epochs" not in e["overrides"] for e in paper)
     cpu = planned.plan("cpu", list(planned.SEEDS), script_defaults)
     # The paper's comparison takes about 6.5 hours; the exact codes of issue 20 add about twelve.
-    comparison = [e for e in cpu if e["group"] not in ("exact", "tokenizer")
+    comparison = [e for e in cpu if e["group"] not in ("exact", "tokenizer", "generation")
                   and not any(n.startswith("exact_") for n in e["needs"])]
     assert sum(e["estimate_minutes"] for e in comparison) <= 7 * 60
-    assert sum(e["estimate_minutes"] for e in cpu if e["group"] != "tokenizer") <= 20 * 60
+    assert sum(e["estimate_minutes"] for e in cpu if e["group"] not in ("tokenizer", "generation")) <= 20 * 60
     exact = {e["config"]: {**script_defaults(e["script"]), **e["overrides"]} for e in cpu if e["group"] == "exact"}
     assert sum(c["palette_output"] for c in exact.values()) == 5 and len(exact) == 7
     assert [name for name, c in exact.items() if c["palette_context"]] == ["exact_palette_context_pixel_vqvae",
@@ -114,7 +115,7 @@ def test_smoke_runs_every_experiment_and_writes_results_md_with_each(smoke):
         assert not any(p.endswith(".pt") or p.startswith("reconstructions/") for p in published)
         assert json.loads((results / name / "metrics.json").read_text()) == metrics
         assert f"`{entry['config']}`" in table and name in table
-        if entry["group"] == "downstream":
+        if planned.is_prior(entry):
             assert "nearest_grid.png" in published and f"{name}/nearest_grid.png" in table
             continue
         assert metrics["palette_colours"] > 0 and 0 <= metrics["palette_exact_pixel_rate"] <= 1
@@ -293,3 +294,16 @@ def test_the_tokenizer_and_the_papers_16x16_model_train_the_same_length_on_the_s
     assert (tokenizer["architecture"], paper["architecture"]) == ("residual", "paper")
     assert paper["adapter_layer"] and paper["pixelsight_filters"] == 512
     assert bits_per_sprite(paper) == 2560
+
+
+def test_the_gpt_prior_models_the_first_seeds_tokenizer_at_every_seed_and_is_scored_as_a_prior():
+    cpu = planned.plan("cpu", list(planned.SEEDS), script_defaults)
+    generation = [e for e in cpu if e["group"] == "generation"]
+    assert [e["name"] for e in generation] == [f"generation_gpt_tokenizer_s{s}" for s in (42, 1, 2)]
+    assert {e["overrides"]["vq_experiment"] for e in generation} == {"tokenizer_tokenizer_s42"}
+    assert all(e["needs"] == ["tokenizer_tokenizer_s42"] and planned.is_prior(e) for e in generation)
+    names = [e["name"] for e in cpu]
+    assert names.index("tokenizer_tokenizer_s42") < names.index("generation_gpt_tokenizer_s42")
+    config = {**script_defaults("train_gpt.py"), **generation[0]["overrides"]}
+    assert config["condition_on_background"] and config["num_samples"] >= 1000
+    assert not planned.is_prior(next(e for e in cpu if e["name"] == "tokenizer_tokenizer_s42"))

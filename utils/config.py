@@ -26,6 +26,8 @@ _NONE_WORDS = {"none", "null"}
 
 PRECISIONS = ("fp32", "bf16")
 FID_DIMS = (64, 192, 768, 2048)
+# What a prior draws its samples on: "both" alternates white and black, as the test split has each sprite on both.
+SAMPLE_BACKGROUNDS = ("both", "white", "black")
 
 
 def _at_least(low):
@@ -137,6 +139,13 @@ RULES = {
     "kernel_size": _odd_kernel,
     "num_samples": _at_least(2),
     "temperature": _above(0),
+    "top_k": _at_least(0),
+    "top_p": lambda value, config: None if 0 < value <= 1 else "above 0 and at most 1",
+    "sample_background": _one_of(SAMPLE_BACKGROUNDS),
+    "width": _at_least(1),
+    "num_heads": lambda value, config: (_at_least(1)(value, config)
+                                        or (None if config.get("width", value) % value == 0 else "a divisor of width")),
+    "dropout": lambda value, config: None if 0 <= value < 1 else "at least 0 and below 1",
     "fid_dims": _one_of(FID_DIMS),
     "architecture": _one_of(ARCHITECTURES),
     "residual_channels": _at_least(1),

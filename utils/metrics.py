@@ -113,6 +113,53 @@ def colours_per_image(images):
     return float(colour_counts(images).mean())
 
 
+# An outline pixel is dark: no channel above this (Pokemon box sprites draw near-black outlines).
+OUTLINE_MAX_CHANNEL = 96
+
+
+def _neighbour_keys(keys):
+    """The colour keys of each pixel's four neighbours [4, N, H, W]; -1 beyond the image's edge."""
+    padded = np.pad(keys, ((0, 0), (1, 1), (1, 1)), constant_values=-1)
+    return np.stack([padded[:, :-2, 1:-1], padded[:, 2:, 1:-1], padded[:, 1:-1, :-2], padded[:, 1:-1, 2:]])
+
+
+def silhouettes(images, background):
+    """bool [N, H, W]: the pixels of each uint8 image that are not its background, uint8 [N, 3]
+    (or one [3] for all): a generated sprite has no alpha channel to say where it is."""
+    return (images != np.asarray(background, np.uint8).reshape(-1, 1, 1, 3)).any(-1)
+
+
+def speckle_rates(images, background):
+    """Per image [N], the share of its sprite pixels whose colour none of its four neighbours has:
+    isolated pixels, the speckle of a sampler that mixes codes. NaN for an image that is all background."""
+    keys = colour_keys(images)
+    sprite = silhouettes(images, background)
+    isolated = (_neighbour_keys(keys) != keys[None]).all(0) & sprite
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return isolated.sum((1, 2)) / sprite.sum((1, 2))
+
+
+def outline_continuities(images, background):
+    """Per image [N], the share of its silhouette's edge (sprite pixels beside the background or
+    the image's border) drawn dark, as an outline: a gap or a soft, light edge lowers it. NaN for an
+    image with no sprite pixel. Meaningful on light backgrounds only: on black, a dark outline
+    is indistinguishable from the background it sits on."""
+    sprite = silhouettes(images, background)
+    padded = np.pad(sprite, ((0, 0), (1, 1), (1, 1)), constant_values=False)
+    beside_background = ~(padded[:, :-2, 1:-1] & padded[:, 2:, 1:-1] & padded[:, 1:-1, :-2] & padded[:, 1:-1, 2:])
+    edge = sprite & beside_background
+    dark = (images <= OUTLINE_MAX_CHANNEL).all(-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (edge & dark).sum((1, 2)) / edge.sum((1, 2))
+
+
+def cleanliness(images, background):
+    """Per-image distinct colours, speckle rate and outline continuity of uint8 `images` drawn on
+    `background` (see the functions above), as {name: float array [N]}."""
+    return {"colours": colour_counts(images).astype(float), "speckle_rate": speckle_rates(images, background),
+            "outline_continuity": outline_continuities(images, background)}
+
+
 def foreign_colour_rate(ref, out):
     """Share of output pixels whose colour appears nowhere in the matching input image."""
     # Tagging each key with its image index lets one isin() test every image against its own

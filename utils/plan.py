@@ -59,6 +59,10 @@ TOKENIZER_ABLATION = (
      {**GRID_16X16, **SCHEDULE, "use_ssim_loss": True}),
     ("ssim", "16x16 tokenizer + SSIM term", "train_tokenizer.py", {"use_ssim_loss": True}),
 )
+# New sprites: a small GPT over the tokenizer's codes, conditioned on the background (train_gpt.py),
+# at three seeds of the prior over the first seed's tokenizer.
+GENERATION = (("gpt_tokenizer", "GPT prior over the 16x16 tokenizer", "train_gpt.py", "tokenizer_tokenizer"),)
+PRIOR_SCRIPTS = ("train_pixelcnn.py", "train_gpt.py")
 PAPER = (
     ("pixel_vqvae", "Pixel VQ-VAE, per pixel", "train_pixel_vqvae.py"),
     ("vqvae", "VQ-VAE", "train_vqvae.py"),
@@ -86,12 +90,15 @@ SPEED = {"paper_pixel_vqvae": 155, "paper_vqvae": 1330, "paper_vae": 144,
          "tokenizer_tokenizer": 75, "tokenizer_paper_pixel_vqvae": 73, "tokenizer_adapter": 70,
          "tokenizer_ssim": 65, "tokenizer_vqvae_ssim": 500,
          # grids/s of the cpu budget's prior; sampling 1,000 grids and their FID take ~12 minutes
-         "prior": 60}
+         "prior": 60,
+         # The GPT's training grids/s on the 2-core AMD EPYC of 2026-12-07, beside a training run.
+         "generation_gpt_tokenizer": 38}
 # The FID of the reconstructions: Inception at 299x299 on 3,816 images (and once per machine on the
 # test split's): 25.5 minutes for both passes in the first run that timed it, on a shared machine,
 # NCHW; channels last, as utils/fid.py now runs it, measured 1.57x faster on one thread. About 8
 # minutes a pass, then, plus 2 for validation, the test scores and the fusions.
-OVERHEAD_MINUTES = {"autoencoder": 10, "prior": 12}
+# A GPT prior's: 1,000 samples, the FIDs of them and of as many real sprites, nearest neighbours.
+OVERHEAD_MINUTES = {"autoencoder": 10, "prior": 12, "generation": 14}
 
 BUDGETS = {
     # The paper's length: every script at its defaults, 25 epochs, the prior at its own (20 epochs).
@@ -122,6 +129,7 @@ BUDGETS = {
               "exact_fsq_pixel_vqvae": {"fsq_levels": "4,4"},  # the smoke codebook's 16 codes
               "prior": {"batch_size": 8, "epochs": 1, "max_train_images": 64, "hidden_channels": 8, "num_layers": 2, "kernel_size": 3,
                         "num_samples": 8},
+              "generation": {"width": 16, "num_layers": 1, "num_heads": 2, "num_samples": 8, "warmup_steps": 2},
               "seeds_for_paper_group": 1},
 }
 
@@ -150,7 +158,14 @@ def base_plan(seeds, paper_seeds):
         plan += stages("ablation", ABLATION, seed, GRID_16X16) + stages("exact", EXACT, seed)
     for table in (TOKENIZER, TOKENIZER_ABLATION):
         plan += [entry for key, *rest in table for seed in seeds for entry in stages("tokenizer", [(key, *rest)], seed)]
+    plan += [_entry("generation", f"generation_{key}", label, script, seed, {"vq_experiment": f"{vq}_s{seeds[0]}"},
+                    needs=[f"{vq}_s{seeds[0]}"]) for key, label, script, vq in GENERATION for seed in seeds]
     return plan
+
+
+def is_prior(entry):
+    """Whether a plan entry (or a published run) is a prior over codes rather than an autoencoder."""
+    return entry["script"] in PRIOR_SCRIPTS
 
 
 def budget_overrides(entry, defaults, budget):
@@ -184,12 +199,12 @@ def plan(budget, seeds=SEEDS, script_defaults=None):
 def estimate_minutes(entry, defaults):
     """Expected wall minutes on an idle 2-core CPU, from SPEED and OVERHEAD_MINUTES."""
     planned = {**defaults, **entry["overrides"]}
-    plain = planned.get("palette_output") or planned.get("plain_backgrounds_only")
+    plain = planned.get("palette_output") or planned.get("plain_backgrounds_only") or planned.get("condition_on_background")
     images = planned["max_train_images"] or (PLAIN_TRAIN_IMAGES if plain else TRAIN_IMAGES)
     prior = entry["group"] == "downstream"
     speed = SPEED["prior" if prior else entry["config"]]
     if prior and planned["hidden_channels"] * planned["num_layers"] * planned["kernel_size"] > 64 * 8 * 3:
         # A wider or deeper prior than the one SPEED was guessed for: slower in proportion.
         speed /= (planned["hidden_channels"] * planned["num_layers"] * planned["kernel_size"]) / (64 * 8 * 3)
-    overhead = OVERHEAD_MINUTES["prior" if prior else "autoencoder"]
+    overhead = OVERHEAD_MINUTES["prior" if prior else entry["group"] if entry["group"] == "generation" else "autoencoder"]
     return round(planned["epochs"] * images / speed / 60 + overhead)

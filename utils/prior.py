@@ -1,7 +1,8 @@
-"""The PixelCNN prior's loop: code grids of a frozen VQ model, cross-entropy training, new sprites.
+"""The priors' loop: code grids of a frozen VQ model, cross-entropy training, new sprites.
 
-`train_pixelcnn.py` is its config block and `run_prior(config, sys.argv[1:])`. Data choice, output
-folder, checkpoints and resume are the VQ scripts' own (utils/train.py)."""
+`train_pixelcnn.py` (a gated PixelCNN) and `train_gpt.py` (a small GPT) are each a config block and
+`run_prior(config, sys.argv[1:], model_type)`. Data choice, output folder, checkpoints and resume
+are the VQ scripts' own (utils/train.py)."""
 import hashlib
 import json
 import math
@@ -16,19 +17,20 @@ from tqdm import tqdm
 from models import build_model, negative_log_likelihood, sample_codes
 from models.palette import sprite_palettes
 from utils.config import parse_config, print_config
+from utils.data import BACKGROUND_COLOURS, background_of
 from utils.device import choose_device
 from utils.errors import UserError, exit_on_user_error, first_sentence
-from utils.fid import fid
+from utils.fid import fid, fid_statistics, load_fid_inception
 from utils.fid_weights import resolve_fid_weights, weights_record
 from utils.images import from_batch, to_batch
 from utils.io import atomic_path, write_json
+from utils.metrics import cleanliness
 from utils.plots import image_grid, save_png, upscale_nearest
 from utils.train import (LOG_EVERY, ROOT, TrainingDiverged, accelerated, batches, experiment_folder, experiment_lock,
-                         interrupted_message, load_model, load_splits, make_optimizer, prepare_output_dir,
-                         refuse_a_model_beyond_memory, resume_from,
-                         save_checkpoint, seed_everything, start_output_dir, training_subset, write_model_and_history)
+                         interrupted_message, load_model, load_splits, make_optimizer, plain_background_set,
+                         prepare_output_dir, refuse_a_model_beyond_memory, resume_from, save_checkpoint,
+                         schedule_step, seed_everything, start_output_dir, training_subset, write_model_and_history)
 
-MODEL_TYPE = "pixelcnn"
 CODES_FILE = "codes.npz"
 # A decoder reproduces a copied code grid up to a few pixels, so an image duplicate is judged on
 # nearly all pixels, not all; `code_duplicate_share` is the exact test on the codes themselves.
@@ -39,6 +41,8 @@ GRID_COLUMNS = 8
 # Samples the two figures show (every sample is saved as its own PNG): 1,000 of them made a figure
 # 32,000 pixels tall.
 FIGURE_SAMPLES = 64
+# A conditioned prior's label is the index of the background its grid was encoded on.
+BACKGROUNDS = list(BACKGROUND_COLOURS)
 
 
 def load_vq_model(config, device):
@@ -58,13 +62,38 @@ def load_vq_model(config, device):
     return model, vq_config
 
 
+def background_labels(names):
+    """The label [N] (int64) of each image name: the index of its background in BACKGROUNDS."""
+    return np.array([BACKGROUNDS.index(background_of(name)) for name in names], np.int64)
+
+
+def sample_labels(config):
+    """The background label of each sample that `sample_background` asks for."""
+    if config["sample_background"] == "both":
+        return np.arange(config["num_samples"]) % len(BACKGROUNDS)
+    return np.full(config["num_samples"], BACKGROUNDS.index(config["sample_background"]), np.int64)
+
+
+def prior_splits(train_set, val_set, test_set, config):
+    """The sprites whose codes a prior learns, is validated and tested on. Conditioned on the
+    background, it keeps the plain ones only: a noise background is random pixels no 16x16 code
+    holds, the test split has none, and a user asks for white or black."""
+    splits = {"train": training_subset(train_set, config["max_train_images"], config["seed"]),
+              "val": val_set, "test": test_set}
+    if config.get("condition_on_background"):
+        plain = {"plain_backgrounds_only": True}
+        splits = {split: plain_background_set(sprites, plain) for split, sprites in splits.items()}
+    return splits
+
+
 def codes_key(config, data_dir):
     """What cached code grids depend on: the VQ weights, the prepared data, the training subset."""
     def digest(path):
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    plain = {"backgrounds": "plain"} if config.get("condition_on_background") else {}
     return json.dumps({"vq_model_sha256": digest(ROOT / config["output_dir"] / config["vq_experiment"] / "model.pt"),
                        "manifest_sha256": digest(Path(data_dir) / "manifest.json"),
-                       "max_train_images": config["max_train_images"], "seed": config["seed"]})
+                       "max_train_images": config["max_train_images"], "seed": config["seed"], **plain})
 
 
 def encode_split(vq_model, sprites, batch_size, device, label):
@@ -112,10 +141,12 @@ def code_grids(vq_model, splits, key, path, batch_size, device):
     return grids
 
 
-def run_prior_epoch(model, grids, config, device, epoch, optimizer=None):
-    """Mean bits per code over `grids`: one training pass when an optimiser is given, else evaluation.
+def run_prior_epoch(model, grids, config, device, epoch, optimizer=None, labels=None):
+    """Mean bits per code over `grids` (each with its label of `labels`, for a conditioned prior):
+    one training pass when an optimiser is given, else evaluation.
 
-    The training order is a function of seed and epoch alone, as in the VQ scripts' loop."""
+    The training order is a function of seed and epoch alone, as in the VQ scripts' loop, and so is
+    the learning rate of each step (utils/schedule.py), so a resumed run continues both."""
     training = optimizer is not None
     model.train(training)
     count, batch_size = len(grids), config["batch_size"]
@@ -126,11 +157,16 @@ def run_prior_epoch(model, grids, config, device, epoch, optimizer=None):
                leave=False, dynamic_ncols=True, disable=None)
     with torch.set_grad_enabled(training), torch.inference_mode(not training):
         for step in bar:
-            codes = torch.from_numpy(grids[order[step * batch_size:(step + 1) * batch_size]]).to(device).long()
-            loss = negative_log_likelihood(model(codes), codes)
+            chosen = order[step * batch_size:(step + 1) * batch_size]
+            codes = torch.from_numpy(grids[chosen]).to(device).long()
+            label = None if labels is None else torch.from_numpy(labels[chosen]).to(device)
+            loss = negative_log_likelihood(model(codes, label), codes)
             if training:
+                schedule_step([optimizer], config, epoch * steps + step, config["epochs"] * steps)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if config.get("grad_clip", 0) > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
                 optimizer.step()
             nats += loss.detach().double() * len(codes)
             if step % LOG_EVERY == LOG_EVERY - 1 or step == steps - 1:
@@ -156,8 +192,9 @@ def decode_grids(vq_model, grids, batch_size, device, palette_images=None):
     return np.concatenate(images)
 
 
-def nearest_grids(grids, reference):
-    """For each code grid [N, h, w], the index of the `reference` grid with most codes in common."""
+def nearest_grids(grids, reference, with_shared=False):
+    """For each code grid [N, h, w], the index of the `reference` grid with most codes in common
+    (and, `with_shared`, how many codes it shares)."""
     flat = torch.from_numpy(grids.reshape(len(grids), -1))
     best = torch.full((len(grids),), -1, dtype=torch.long)
     index = torch.zeros(len(grids), dtype=torch.long)
@@ -166,7 +203,7 @@ def nearest_grids(grids, reference):
         shared, where = (flat[:, None] == chunk[None]).sum(-1).max(1)
         closer = shared > best
         best, index = torch.where(closer, shared, best), torch.where(closer, where + start, index)
-    return index.numpy()
+    return (index.numpy(), best.numpy()) if with_shared else index.numpy()
 
 
 def nearest_images(samples, images):
@@ -194,15 +231,47 @@ def paired_rows(top, bottom, columns):
     return np.stack([top, bottom], axis=1).reshape(-1, *top.shape[2:])
 
 
-def sample_fid(samples, test_images, config, device):
-    """{"fid": FID of the samples against the test split, "fid_weights": which weights gave it},
-    or {"fid": None, "fid_reason": why there is none}."""
+def sample_fid(samples, real, test_images, config, device):
+    """{"fid": FID of the samples against the test split, "floor_fid": that of as many `real`
+    training sprites, the FID a perfect prior would reach at this count, "fid_weights": which
+    weights gave them}, or {"fid": None, "fid_reason": why there is none}."""
     try:
         weights = resolve_fid_weights(config["fid_weights"] or None)
-        value = fid(samples, test_images, weights=weights, dims=config["fid_dims"], device=device)
+        model = load_fid_inception(weights, config["fid_dims"], device)
+        test = fid_statistics(test_images, model)
+        value, floor = (fid(images, test, model=model) for images in (samples, real))
     except UserError as err:
         return {"fid": None, "fid_reason": str(err)}
-    return {"fid": value, "fid_weights": weights_record(weights)}
+    return {"fid": value, "floor_fid": floor, "fid_weights": weights_record(weights)}
+
+
+def cleanliness_summary(images, labels):
+    """Mean distinct colours, speckle rate and outline continuity of uint8 `images` on the
+    backgrounds of `labels`, each with its 5th and 95th percentile; outline continuity on the white
+    ones alone (utils.metrics.outline_continuities)."""
+    backgrounds = np.array([BACKGROUND_COLOURS[BACKGROUNDS[label]] for label in labels], np.uint8)
+    scores = cleanliness(images, backgrounds)
+    scores["outline_continuity"] = scores["outline_continuity"][labels == BACKGROUNDS.index("white")]
+    summary = {}
+    for name, values in scores.items():
+        values = values[np.isfinite(values)]
+        if len(values):
+            low, high = np.percentile(values, [5, 95])
+            summary[name] = {"mean": float(values.mean()), "p5": float(low), "p95": float(high)}
+    return summary
+
+
+def chosen(sprites, count, seed):
+    """A seeded choice of `count` of `sprites` (all of them when there are fewer), in order."""
+    if count >= len(sprites):
+        return np.arange(len(sprites))
+    return np.sort(np.random.default_rng(seed).choice(len(sprites), count, replace=False))
+
+
+def distance_summary(distances, shared, cells):
+    """Mean and range of nearest-image MSEs, and the mean share of codes a nearest grid shares."""
+    return {"nearest_mse_mean": float(distances.mean()), "nearest_mse_min": float(distances.min()),
+            "nearest_mse_max": float(distances.max()), "nearest_code_share_mean": float(shared.mean() / cells)}
 
 
 def write_sample_figures(samples, nearest, out):
@@ -214,18 +283,26 @@ def write_sample_figures(samples, nearest, out):
     save_png(upscale_nearest(image_grid(paired_rows(samples, nearest, columns), columns), 2), out / "nearest_grid.png")
 
 
-def write_samples(prior, vq_model, train_grids, coded_set, train_set, test_set, out, config, device):
-    """New sprites, each beside its nearest training image, in `out`; returns their metrics.
-    `train_grids` are the codes of `coded_set`'s images; a palette-output VQ model draws each sample
-    with the palette of the one of them whose codes it shares most."""
+def write_samples(prior, vq_model, grids, coded_sets, train_set, test_set, out, config, device):
+    """New sprites, each beside its nearest training image, in `out`; returns their metrics beside
+    the same measures of real sprites: test sprites against the training ones, and as many training
+    sprites as samples for the FID floor. `grids` and `coded_sets` are the codes and images of the
+    prior's splits; a palette-output VQ model draws each sample with the palette of the training
+    sprite whose codes it shares most."""
+    train_grids, coded_set = grids["train"], coded_sets["train"]
+    conditioned = config.get("condition_on_background")
+    labels = sample_labels(config)
     shape = (config["num_samples"], *train_grids.shape[1:])
-    codes = sample_codes(prior.eval(), shape, config["temperature"], generator=config["seed"], device=device)
+    started = time.perf_counter()
+    codes = prior.eval().sample(shape, config["temperature"], config["top_k"], config["top_p"],
+                                generator=config["seed"], labels=torch.from_numpy(labels) if conditioned else None)
     codes = codes.cpu().numpy().astype(np.int32)
     palette_images, palette = None, {}
     if getattr(vq_model, "draws_with_palette", False):
         palette_images = coded_set.images[nearest_grids(codes, train_grids)]
         palette = {"sample_palette": "the training sprite with the most codes in common"}
     samples = decode_grids(vq_model, codes, config["batch_size"], device, palette_images)
+    draw_seconds = time.perf_counter() - started
     names = [f"sample_{i:03d}.png" for i in range(len(samples))]
     for name, image in zip(names, samples):
         save_png(image, out / "samples" / name)
@@ -234,19 +311,44 @@ def write_samples(prior, vq_model, train_grids, coded_set, train_set, test_set, 
 
     nearest, distances = nearest_images(samples, train_set.images)
     same_pixels = (samples == train_set.images[nearest]).all(-1).mean(axis=(1, 2))
+    _, shared = nearest_grids(codes, train_grids, with_shared=True)
     write_json(out / "samples" / "nearest.json", [
         {"sample": name, "nearest_training_image": train_set.names[i], "mse": float(d),
-         "exact_pixel_share": float(s)} for name, i, d, s in zip(names, nearest, distances, same_pixels)])
+         "exact_pixel_share": float(e), "shared_codes": int(c)}
+        for name, i, d, e, c in zip(names, nearest, distances, same_pixels, shared)])
     write_sample_figures(samples, train_set.images[nearest], out)
 
+    # The real reference: as many test sprites, measured against the training sprites the same way.
+    cells = train_grids[0].size
+    real_test = chosen(coded_sets["test"], len(samples), config["seed"])
+    _, real_distances = nearest_images(coded_sets["test"].images[real_test], train_set.images)
+    _, real_shared = nearest_grids(grids["test"][real_test], train_grids, with_shared=True)
+    plain = plain_background_set(coded_set, {"plain_backgrounds_only": True})
+    floor = plain.images[chosen(plain, len(samples), config["seed"])]
     learnt = {grid.tobytes() for grid in train_grids}
-    return {"num_samples": len(samples), "temperature": config["temperature"], **palette,
-            "nearest_mse_mean": float(distances.mean()), "nearest_mse_min": float(distances.min()),
-            "nearest_mse_max": float(distances.max()),
+    background = {"sample_background": config["sample_background"]} if conditioned else {}
+    return {"num_samples": len(samples), "temperature": config["temperature"], "top_k": config["top_k"],
+            "top_p": config["top_p"], **background, **palette, "draw_seconds": round(draw_seconds, 2),
+            **distance_summary(distances, shared, cells),
+            "real": {"what": f"{len(real_test)} test sprites against the training sprites",
+                     **distance_summary(real_distances, real_shared, cells),
+                     "cleanliness": cleanliness_summary(coded_sets["test"].images[real_test],
+                                                        background_labels([coded_sets["test"].names[i]
+                                                                           for i in real_test]))},
+            "cleanliness": cleanliness_summary(samples, labels if conditioned else sample_backgrounds(samples)),
             "duplicate_share": float((same_pixels >= DUPLICATE_PIXEL_SHARE).mean()),
             "code_duplicate_share": float(np.mean([grid.tobytes() in learnt for grid in codes])),
-            **sample_fid(samples, test_set.images, config, device), "fid_dims": config["fid_dims"],
-            "fid_reference": f"{len(test_set)} test images"}
+            **sample_fid(samples, floor, test_set.images, config, device), "fid_dims": config["fid_dims"],
+            "fid_reference": f"{len(test_set)} test images",
+            "floor_reference": f"{len(floor)} training sprites, drawn at random"}
+
+
+def sample_backgrounds(samples):
+    """The label of the background an unconditioned sample came out on: the plain colour nearer
+    its corner pixel (a prior over codes of every background may draw either, or noise)."""
+    corners = samples[:, 0, 0].astype(np.int64)
+    colours = np.array([BACKGROUND_COLOURS[name] for name in BACKGROUNDS], np.int64)
+    return ((corners[:, None] - colours[None]) ** 2).sum(-1).argmin(1)
 
 
 def check_sampling(config):
@@ -256,52 +358,55 @@ def check_sampling(config):
         resolve_fid_weights(config["fid_weights"])
 
 
-def train_prior(config):
-    """Encode, train, evaluate and sample one prior, writing every output; returns its metrics."""
+def train_prior(config, model_type):
+    """Encode, train, evaluate and sample one prior ('pixelcnn' or 'gpt'), writing every output;
+    returns its metrics."""
     print_config(config)
     check_sampling(config)
     out = experiment_folder(config)
     device = choose_device(config["device"])
     vq_model, vq_config = load_vq_model(config, device)
-    refuse_a_model_beyond_memory(MODEL_TYPE, dict(config, num_embeddings=vq_config["num_embeddings"]), device,
-                                 "the prior config")
+    # The codebook size and grid come from the VQ model; saved with the weights, they rebuild the prior.
+    cells = vq_model.code_grid_size(vq_config["image_size"]) ** 2
+    conditioned = config.get("condition_on_background", False)
+    model_config = dict(config, num_embeddings=vq_config["num_embeddings"], code_cells=cells,
+                        num_classes=len(BACKGROUNDS) if conditioned else 0)
+    refuse_a_model_beyond_memory(model_type, model_config, device, "the prior config")
     checkpoint_path = out / "checkpoint.pt"
     resume_path = prepare_output_dir(out, config)
     seed_everything(config["seed"])
     data_dir, train_set, val_set, test_set = load_splits(config["dataset"], vq_config["image_size"])
-    splits = {"train": training_subset(train_set, config["max_train_images"], config["seed"]),
-              "val": val_set, "test": test_set}
-
-    # The codebook size comes from the VQ model; saved with the weights, it rebuilds the prior.
-    model_config = dict(config, num_embeddings=vq_config["num_embeddings"])
+    splits = prior_splits(train_set, val_set, test_set, config)
+    labels = {split: background_labels(sprites.names) if conditioned else None for split, sprites in splits.items()}
     try:
-        model = build_model(MODEL_TYPE, model_config).to(device)
+        model = build_model(model_type, model_config).to(device)
     except ValueError as err:
         raise UserError(f"the prior config does not fit: {err}") from None
     optimizer = make_optimizer(model, config, device)
     history, start_epoch = [], 0
     if resume_path:
-        saved = resume_from(resume_path, model, optimizer, model_config, MODEL_TYPE)
+        saved = resume_from(resume_path, model, optimizer, model_config, model_type)
         history, start_epoch = saved["history"], saved["epoch"] + 1
     start_output_dir(out, config, resume_path)
     grids = code_grids(vq_model, splits, codes_key(config, data_dir), out / CODES_FILE, config["batch_size"], device)
 
     for epoch in range(start_epoch, config["epochs"]):
         started = time.perf_counter()
-        train_bits = run_prior_epoch(model, grids["train"], config, device, epoch, optimizer)
+        train_bits = run_prior_epoch(model, grids["train"], config, device, epoch, optimizer, labels["train"])
         seconds = time.perf_counter() - started
-        val_bits = run_prior_epoch(model, grids["val"], config, device, epoch)
+        val_bits = run_prior_epoch(model, grids["val"], config, device, epoch, labels=labels["val"])
         history.append({"epoch": epoch + 1, "train_seconds": seconds, "train_grids": len(grids["train"]),
-                        "learning_rate": config["learning_rate"], "train_bits_per_code": train_bits,
+                        "learning_rate": optimizer.param_groups[0]["lr"], "train_bits_per_code": train_bits,
                         "val_bits_per_code": val_bits})
-        save_checkpoint(checkpoint_path, model, optimizer, epoch, history, model_config, MODEL_TYPE)
+        save_checkpoint(checkpoint_path, model, optimizer, epoch, history, model_config, model_type)
         print(f"epoch {epoch + 1}/{config['epochs']}: train {train_bits:.4f} bits/code, "
               f"val {val_bits:.4f} bits/code, {len(grids['train']) / seconds:.1f} grids/s")
 
-    write_model_and_history(out, model, model_config, MODEL_TYPE, history)
+    write_model_and_history(out, model, model_config, model_type, history)
     train_seconds = sum(row["train_seconds"] for row in history)
     metrics = {
-        "test_bits_per_code": run_prior_epoch(model, grids["test"], config, device, config["epochs"]),
+        "test_bits_per_code": run_prior_epoch(model, grids["test"], config, device, config["epochs"],
+                                              labels=labels["test"]),
         "val_bits_per_code": history[-1]["val_bits_per_code"] if history else None,
         "uniform_bits_per_code": math.log2(vq_config["num_embeddings"]),
         "code_grid": list(grids["train"].shape[1:]),
@@ -310,10 +415,11 @@ def train_prior(config):
         "train_seconds": round(train_seconds, 2),
         "train_grids_per_second": sum(r["train_grids"] for r in history) / train_seconds if train_seconds else 0.0,
         "device": str(device),
+        "prior": model_type,
+        "parameters": sum(p.numel() for p in model.parameters()),
     }
     started = time.perf_counter()
-    metrics.update(write_samples(model, vq_model, grids["train"], splits["train"], train_set, test_set, out, config,
-                                 device))
+    metrics.update(write_samples(model, vq_model, grids, splits, train_set, test_set, out, config, device))
     metrics["sample_seconds"] = round(time.perf_counter() - started, 2)
     write_json(out / "metrics.json", metrics)
     print(f"test {metrics['test_bits_per_code']:.4f} bits/code (uniform: {metrics['uniform_bits_per_code']:.1f}); "
@@ -322,11 +428,11 @@ def train_prior(config):
     return metrics
 
 
-def run_prior(defaults, argv):
-    """Entry point of train_pixelcnn.py: a user's mistake ends in one line, not a traceback."""
+def run_prior(defaults, argv, model_type="pixelcnn"):
+    """Entry point of train_pixelcnn.py and train_gpt.py: a user's mistake ends in one line, not a traceback."""
     config = exit_on_user_error(lambda: parse_config(defaults, argv))
 
     def locked():
         with experiment_lock(experiment_folder(config)):
-            return train_prior(config)
+            return train_prior(config, model_type)
     return exit_on_user_error(locked, interrupted=interrupted_message(config))

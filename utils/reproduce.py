@@ -61,7 +61,7 @@ def command_keys(entry, args):
     """Every key the script is given: the plan's overrides, then where its inputs and outputs are."""
     keys = {**entry["overrides"], "experiment_name": entry["name"], "output_dir": str(args.outputs),
             "dataset": args.dataset}
-    if entry["group"] == "downstream":
+    if planned.is_prior(entry):
         keys.update(fid_dims=args.fid_dims, fid_weights=str(args.fid_weights or ""))
     return keys
 
@@ -211,9 +211,9 @@ def finish(entry, args):
     timing_path = args.outputs / LOG_DIR / f"{entry['name']}.json"
     # An experiment trained outside this command has no wall time of ours.
     timing = recorded_timing(args.outputs / LOG_DIR, entry["name"]) or {"wall_seconds": None, "attempts": 0}
-    if entry["group"] != "downstream" and args.ood is not None:
+    if not planned.is_prior(entry) and args.ood is not None:
         score_out_of_domain(entry, args)
-    if entry["group"] != "downstream" and not args.no_fid:
+    if not planned.is_prior(entry) and not args.no_fid:
         cached = (args.outputs / entry["name"] / "fid.json").exists()
         started = time.perf_counter()
         experiments = [e for e in load_experiments(args.outputs) if e.name == entry["name"]]

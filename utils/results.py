@@ -13,6 +13,7 @@ from utils.errors import UserError
 from utils.figures import ablation_figure, rate_figure, reconstruction_figure
 from utils.io import atomic_path, write_json
 from utils.metrics import code_grid_size, draws_with_palette, load_rgb
+from utils.plan import is_prior
 from utils.report import reference_dir
 
 RUN_FILE = "reproduce.json"  # the plan's entry, the budget and the wall time
@@ -72,7 +73,7 @@ def load_results(results_dir):
 
 def fid_of(result):
     """The FID of an autoencoder's reconstructions at the run's dims, or of a prior's samples."""
-    if result["group"] == "downstream":
+    if is_prior(result):
         return result["metrics"].get("fid")
     record = result["fid"].get(f"bilinear-{result['fid_dims']}")
     return None if record is None else record["fid"]
@@ -504,6 +505,78 @@ def tokenizer_section(tokenizer):
     return parts
 
 
+GENERATION_HEADER = ("sprites", "seeds", "epochs", "test bits/code", "FID (floor)", "colours", "speckle rate",
+                     "outline continuity", "nearest training MSE", "codes shared with nearest", "seconds for the samples")
+# The bound on a prior's sample FID, as a multiple of the FID of as many real training sprites.
+FLOOR_RATIO = 1.5
+CLEAN_MEASURES = (("colours", "colours"), ("speckle_rate", "speckle rate"), ("outline_continuity", "outline continuity"))
+
+
+def _clean_cell(runs, name, source=lambda m: m, digits=3):
+    scores = [source(r["metrics"])["cleanliness"].get(name) for r in runs]
+    text = _cell([s and s["mean"] for s in scores], digits)
+    return text if not scores[0] else f"{text} ({scores[0]['p5']:.{digits}f}–{scores[0]['p95']:.{digits}f})"
+
+
+def generation_rows(configs):
+    rows = []
+    for config, runs in configs.items():
+        m = runs[0]["metrics"]
+        real = lambda metrics: metrics["real"]
+        fids = _cell([r["metrics"]["fid"] for r in runs], 1)
+        floors = _cell([r["metrics"].get("floor_fid") for r in runs], 1)
+        rows.append([f"{runs[0]['label']} (`{config}`, over `{runs[0]['overrides']['vq_experiment']}`), "
+                     f"{m['num_samples']:,} samples", _runs_text(runs), str(m["epochs"]),
+                     _cell([r["metrics"]["test_bits_per_code"] for r in runs], 3), f"{fids} ({floors})",
+                     *[_clean_cell(runs, name) for name, _ in CLEAN_MEASURES],
+                     _cell([r["metrics"]["nearest_mse_mean"] for r in runs], 5),
+                     _cell([r["metrics"]["nearest_code_share_mean"] for r in runs], 1, 100, "%"),
+                     _cell([r["metrics"]["draw_seconds"] for r in runs], 1)])
+        rows.append([f"real: {m['real']['what']}", _runs_text(runs), "-", "-", "-",
+                     *[_clean_cell(runs, name, real) for name, _ in CLEAN_MEASURES],
+                     _cell([r["metrics"]["real"]["nearest_mse_mean"] for r in runs], 5),
+                     _cell([r["metrics"]["real"]["nearest_code_share_mean"] for r in runs], 1, 100, "%"), "-"])
+    return rows
+
+
+def flattening_text(run):
+    """How much the last epoch lowered the validation bits per code, from history.json."""
+    history = _read(run["path"] / "history.json") or []
+    if len(history) < 2:
+        return f"seed {run['seed']}: one epoch, so no flattening can be judged"
+    before, last = history[-2]["val_bits_per_code"], history[-1]["val_bits_per_code"]
+    return f"seed {run['seed']}: {before:.4f} to {last:.4f} bits/code in the last epoch ({100 * (before - last) / before:.1f}% lower)"
+
+
+def generation_section(generation):
+    parts = ["## 7. New sprites from a prior over 16x16 codes",
+             "Each prior draws its samples on white and black in turn, as the test split has each sprite on both. "
+             "FID is against the test split; the floor beside it is the FID of as many training sprites on "
+             "white and black, drawn at random: what a prior that drew real sprites would score at that count. "
+             "Colours, speckle rate (sprite pixels no neighbour shares) and outline continuity (the share of "
+             "the silhouette's edge drawn dark; on white only) are means with their 5th–95th percentile; the row "
+             "below each prior measures real test sprites the same way. Nearest: the training sprite closest in "
+             "pixels (MSE) and the training grid sharing most codes.",
+             _markdown(GENERATION_HEADER, generation_rows(generation))]
+    for config, runs in generation.items():
+        lines = [f"- sample FID at most {FLOOR_RATIO} times the floor: " + goal_verdict(
+                     runs, lambda r: r["metrics"]["fid"] / r["metrics"]["floor_fid"]
+                     if r["metrics"].get("fid") and r["metrics"].get("floor_fid") else None, "at most", FLOOR_RATIO)
+                 + " (the ratio)"]
+        for name, label in CLEAN_MEASURES:
+            inside = [r["metrics"]["real"]["cleanliness"][name]["p5"] <= r["metrics"]["cleanliness"][name]["mean"]
+                      <= r["metrics"]["real"]["cleanliness"][name]["p95"] for r in runs]
+            lines.append(f"- mean {label} inside the real sprites' 5th–95th percentile: on {sum(inside)} of {len(runs)} seeds")
+        lines.append(f"- {runs[0]['metrics']['num_samples']:,} samples drawn and decoded in under a minute: "
+                     + goal_verdict(runs, lambda r: r["metrics"]["draw_seconds"], "at most", 60) + " (seconds)")
+        lines.append("- trained until flat: " + "; ".join(flattening_text(r) for r in runs))
+        parts += [f"{runs[0]['label']} (`{config}`), {_runs_text(runs)}:", "\n".join(lines)]
+        if (runs[0]["path"] / "nearest_grid.png").is_file():
+            parts.append(f"![{runs[0]['label']}, seed {runs[0]['seed']}: rows of samples over their nearest "
+                         f"training images]({runs[0]['name']}/nearest_grid.png)")
+    return parts
+
+
 def limits_section(results, ablation):
     ablation_labels = [runs[0]["label"] for runs in ablation.values()]
     lines = ["- Nothing here is at the paper's length: every run is at the budget above "
@@ -567,9 +640,10 @@ def write_results(results_dir):
     bounds = load_bounds(results_dir)
     paper, ablation = by_config(results, "paper"), by_config(results, "ablation")
     priors, exact = by_config(results, "downstream"), by_config(results, "exact")
-    tokenizer = by_config(results, "tokenizer")
+    tokenizer, generation = by_config(results, "tokenizer"), by_config(results, "generation")
     groups = {name: configs for name, configs in (("paper", paper), ("ablation", ablation), ("exact", exact),
-                                                   ("downstream", priors), ("tokenizer", tokenizer)) if configs}
+                                                   ("downstream", priors), ("tokenizer", tokenizer),
+                                                   ("generation", generation)) if configs}
     parts = ["# Results of `python -m utils.reproduce`",
              "Every number below is computed from the files in this folder by `python -m utils.reproduce "
              "--tables-only`. A difference is claimed only between runs of the same code and length whose seed "
@@ -600,6 +674,8 @@ def write_results(results_dir):
     parts += ood_section(results, bounds)
     if tokenizer:
         parts += tokenizer_section(tokenizer)
+    if generation:
+        parts += generation_section(generation)
     parts += limits_section(results, ablation)
     parts += ["## Wall time of each experiment", _markdown(TIME_HEADER, time_rows(results))]
     path = results_dir / "results.md"
@@ -616,7 +692,7 @@ def first_seeds(results):
     """The first seed's run of every autoencoder configuration that has shown sprites."""
     firsts = {}
     for r in results:
-        if r["group"] != "downstream" and r["metrics"] is not None and (r["path"] / SHOWN_DIR).is_dir():
+        if not is_prior(r) and r["metrics"] is not None and (r["path"] / SHOWN_DIR).is_dir():
             firsts.setdefault(r["config"], r)
     return list(firsts.values())
 

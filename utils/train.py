@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models import build_model, described_model, model_defaults, model_keys, objective_keys
+from models import PRIORS, build_model, described_model, model_defaults, model_keys, objective_keys
 from models.collectives import all_reduce_sum
 from models.fast import accelerate
 from models.fast.threads import cpu_has_bfloat16
@@ -500,7 +500,7 @@ def load_model(experiment, device, fast=None):
         if missing:
             raise ValueError(f"it lacks {', '.join(missing)}")
         # The autoencoders' inputs are image_size pixels wide; a prior's are code grids.
-        if saved["model_type"] != "pixelcnn" and "image_size" not in saved["config"]:
+        if saved["model_type"] not in PRIORS and "image_size" not in saved["config"]:
             raise ValueError("its config lacks image_size")
         model = build_model(saved["model_type"], saved["config"])
         model.load_state_dict(saved["model"])
@@ -508,7 +508,7 @@ def load_model(experiment, device, fast=None):
         raise UserError(f"{path} does not hold a model this code can rebuild: {str(err).splitlines()[0]}") from None
     model = model.to(device, memory_format=torch.channels_last).eval()
     setting = saved["config"] if fast is None else {"fast": fast}
-    if saved["model_type"] != "pixelcnn":  # the prior has no fast path
+    if saved["model_type"] not in PRIORS:  # the priors have no fast path
         model = accelerated(model, setting, device)
     return model, saved["model_type"], saved["config"]
 
