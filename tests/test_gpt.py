@@ -87,3 +87,10 @@ def test_a_trained_gpt_draws_each_labels_grid():
     assert loss.item() < 0.05
     drawn = model.eval().sample((2, 2, 3), generator=0, labels=labels, top_k=1)
     assert torch.equal(drawn, grids)
+
+
+def test_a_strong_bias_makes_the_prior_draw_the_favoured_codes():
+    model = tiny()
+    favoured = torch.randint(0, 7, (3, 3, 4))
+    bias = torch.zeros(3, 3, 4, 7).scatter_(-1, favoured[..., None], 50.0)
+    assert torch.equal(model.sample((3, 3, 4), generator=0, bias=bias), favoured)

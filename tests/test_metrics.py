@@ -14,7 +14,8 @@ from tests.helpers import exit_status
 from tests.sprites import sprite_rgba
 from utils.metrics import (PSNR_CAP_DB, bits_per_sprite, cleanliness, codebook_stats, colours_per_image, exact_pixel_rate,
                            foreign_colour_rate, image_metrics, main, mse, palette_metrics, psnr,
-                           outline_continuities, silhouettes, speckle_rates, sprite_exact_pixel_rate, ssim, to_uint8)
+                           outline_continuities, palette_overlap, silhouette_overlap, silhouettes, speckle_rates,
+                           sprite_exact_pixel_rate, ssim, to_uint8)
 
 REPO = Path(__file__).resolve().parents[1]
 RED, GREEN, BLUE, WHITE = (200, 40, 40), (40, 160, 60), (30, 30, 120), (255, 255, 255)
@@ -332,3 +333,17 @@ def test_cleanliness_on_a_black_background_ignores_black_pixels_as_background():
     assert scores["colours"].tolist() == [2.0]
     assert scores["speckle_rate"].tolist() == [0.0]
     assert silhouettes(image, (0, 0, 0)).sum() == 4
+
+
+def test_a_fusion_keeps_a_parents_shape_and_palette_by_measure():
+    parent = _sprite_on_white()
+    shifted = np.full_like(parent, 255)
+    shifted[1:5, 2:6] = parent[1:5, 1:5]  # the same square one pixel right
+    recoloured = parent.copy()
+    recoloured[2:4, 2:4] = (0, 0, 200)  # the body in a colour the parent lacks
+    white = (255, 255, 255)
+    overlap = silhouette_overlap(np.stack([parent, shifted]), np.stack([parent, parent]), white)
+    assert overlap.tolist() == [1.0, pytest.approx(12 / 20)]
+    kept = palette_overlap(np.stack([parent, recoloured]), np.stack([parent, parent]), white)
+    assert kept.tolist() == [1.0, pytest.approx(12 / 16)]
+    assert np.isnan(palette_overlap(np.full((1, 4, 4, 3), 255, np.uint8), parent[None, :4, :4], white)[0])

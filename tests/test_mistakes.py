@@ -72,6 +72,7 @@ BAD_VALUES = [
     ("temperature", "0", "above 0"),
     ("temperature", "nan", "a finite number"),
     ("top_k", "-1", "at least 0"),
+    ("num_fusion_scores", "-1", "at least 0"),
     ("top_p", "0", "above 0 and at most 1"),
     ("top_p", "1.5", "above 0 and at most 1"),
     ("condition_on_background", "maybe", "expects bool"),

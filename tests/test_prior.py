@@ -212,7 +212,7 @@ def test_sample_figures_show_the_first_samples_only(tmp_path):
 
 
 TINY_GPT = ["--width=16", "--num_layers=1", "--num_heads=2", "--batch_size=8", "--epochs=1", "--warmup_steps=2",
-            "--num_samples=4", "--fid_dims=64", "--device=cpu"]
+            "--num_samples=4", "--num_fusion_scores=3", "--fid_dims=64", "--device=cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +245,13 @@ def test_the_gpt_prior_learns_the_plain_background_codes_and_scores_its_samples_
     assert 0 <= metrics["real"]["nearest_code_share_mean"] <= 1 and metrics["real"]["nearest_mse_mean"] >= 0
     nearest = json.loads((gpt_prior / "samples" / "nearest.json").read_text())
     assert all(0 <= row["shared_codes"] <= 256 for row in nearest)
+    # Every fusion method on the same pairs, each scored against the test split and its parents.
+    assert metrics["fusion_methods"] == ["blend", "swap", "prior-swap", "prior-blend"]
+    assert metrics["fusion_pairs"] == 3 and (gpt_prior / "fusion_grid.png").is_file()
+    for method, scores in metrics["fusions"].items():
+        assert math.isfinite(scores["fid"]), method
+        assert all(0 <= scores[k] <= 1 for k in ("silhouette_overlap_a", "silhouette_overlap_b",
+                                                 "palette_overlap_a", "palette_overlap_b")), method
 
 
 def test_sample_labels_follow_sample_background():

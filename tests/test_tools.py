@@ -3,12 +3,16 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+
+from models import GPTPrior
 
 from tests.helpers import exit_status
 from tests.sprites import sprite_rgba, write_species_folders
 from utils import fuse, metrics, reconstruct
 from utils.data import PrepareOptions, load_split, prepare
+from utils.train import save_model
 
 
 @pytest.fixture
@@ -116,3 +120,42 @@ def test_reconstruct_refuses_a_prepared_set_of_another_image_size_in_one_line(ti
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: {tmp_path / 'eval'} was prepared at 24x24, but the model takes 16x16; prepare it again with --image-size 16"]
     assert not (tmp_path / "out").exists()
+
+
+def prior_over(experiment, folder, num_classes=2):
+    """A small untrained GPT prior saved as an experiment over `experiment`'s 16x16 grid of 16 codes."""
+    config = {"vq_experiment": experiment.name, "num_embeddings": 16, "code_cells": 256, "width": 16,
+              "num_layers": 1, "num_heads": 2, "num_classes": num_classes}
+    torch.manual_seed(0)
+    model = GPTPrior(**{key: value for key, value in config.items() if key != "vq_experiment"})
+    save_model(folder / "model.pt", model, config, "gpt")
+    return folder
+
+
+def test_fuse_draws_the_prior_fusions_asked_for(tiny_experiment, own_sprites, tmp_path):
+    prior = prior_over(tiny_experiment, tmp_path / "gpt")
+    out = tmp_path / "fused"
+    assert fuse.main([str(tiny_experiment), str(own_sprites / "knight.png"), str(own_sprites / "slime.png"), str(out),
+                      "--prior", str(prior), "--method", "prior-swap", "--method", "prior-blend"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["blend.png", "inputs.png", "interpolation.gif",
+                                                      "interpolation.png", "prior-blend.png", "prior-swap.png", "swap.png"]
+    assert Image.open(out / "prior-swap.png").size == (16, 16)
+
+
+@pytest.mark.parametrize("problem", ["no_prior", "other_model", "palette"])
+def test_fuse_refuses_a_method_the_models_cannot_do_before_writing_anything(tiny_experiment, own_sprites, tmp_path,
+                                                                            capsys, problem):
+    args = [str(tiny_experiment), str(own_sprites / "knight.png"), str(own_sprites / "slime.png"), str(tmp_path / "fused")]
+    if problem == "no_prior":
+        args += ["--method", "prior-swap"]
+    elif problem == "other_model":
+        (tmp_path / "elsewhere").mkdir()
+        args += ["--method", "prior-blend", "--prior", str(prior_over(tmp_path / "elsewhere", tmp_path / "gpt"))]
+    else:
+        args += ["--method", "palette-swap"]
+    assert exit_status(fuse.main, args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    expected = {"no_prior": "need --prior", "other_model": "models the codes of 'elsewhere'",
+                "palette": "draws with a palette"}[problem]
+    assert len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "fused").exists()

@@ -140,6 +140,7 @@ RULES = {
     "num_samples": _at_least(2),
     "temperature": _above(0),
     "top_k": _at_least(0),
+    "num_fusion_scores": _at_least(0),
     "top_p": lambda value, config: None if 0 < value <= 1 else "above 0 and at most 1",
     "sample_background": _one_of(SAMPLE_BACKGROUNDS),
     "width": _at_least(1),

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.palette import palette_union
+from models.palette import palette_union, sprite_palettes
 from utils.io import write_json
 from utils.images import from_batch, to_batch
 from utils.plots import image_grid, save_gif, save_png, upscale_nearest
@@ -64,6 +64,41 @@ def swap(model, model_type, xa, xb):
     ia, ib = model.encode(xa), model.encode(xb)
     half = ia.shape[-2] // 2
     return model.decode_indices(torch.cat([ia[..., :half, :], ib[..., half:, :]], -2), parents_palette(model, xa, xb))
+
+
+# A prior fusion pulls each drawn cell towards a parent's code by this many nats of logit: strong
+# enough that the prior keeps the parent's code wherever it fits what is drawn around it.
+GUIDE_STRENGTH = 4.0
+PRIOR_METHODS = ("prior-swap", "prior-blend")
+
+
+def prior_fusion(prior, model, xa, xb, method, labels=None, generator=0, strength=GUIDE_STRENGTH):
+    """A fusion that a prior draws over `model`'s code grids [B, h, w] of a and b:
+    'prior-swap' keeps the top half of a's codes and draws the rest pulled towards b's, so the seam
+    and b's half are redrawn to fit a's; 'prior-blend' draws every cell pulled towards both parents'
+    codes, so the prior chooses, cell by cell, which parent's code continues what it has drawn."""
+    ia, ib = model.encode(xa), model.encode(xb)
+    if ia.dim() != 3:
+        raise ValueError("a prior fusion needs one code per cell (not a residual quantiser's levels)")
+    count, height, width = ia.shape
+    bias = torch.zeros(count, height, width, prior.num_embeddings, device=ia.device)
+    keep = None
+    bias.scatter_add_(-1, ib[..., None], torch.full_like(ib[..., None], strength, dtype=bias.dtype))
+    if method == "prior-swap":
+        keep = torch.zeros_like(ia, dtype=torch.bool)
+        keep[:, :height // 2] = True
+    elif method == "prior-blend":
+        bias.scatter_add_(-1, ia[..., None], torch.full_like(ia[..., None], strength, dtype=bias.dtype))
+    else:
+        raise ValueError(f"unknown prior fusion {method!r}; expected one of {PRIOR_METHODS}")
+    codes = prior.sample((count, height, width), generator=generator, labels=labels,
+                         prefix=None if keep is None else ia, keep=keep, bias=bias)
+    return model.decode_indices(codes, parents_palette(model, xa, xb))
+
+
+def palette_swap(model, xa, xb):
+    """a's codes drawn with b's colours: a's shape in b's palette (a palette-output model only)."""
+    return model.decode_indices(model.encode(xa), sprite_palettes(xb, with_index=False))
 
 
 def write_pair(model, model_type, images, folder, steps, device):

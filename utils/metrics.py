@@ -160,6 +160,26 @@ def cleanliness(images, background):
             "outline_continuity": outline_continuities(images, background)}
 
 
+def silhouette_overlap(images, parents, background):
+    """Per pair [N], intersection over union of the silhouettes of `images` and of `parents`: how
+    much of a parent's shape a fusion keeps. NaN where both are all background."""
+    a, b = silhouettes(images, background), silhouettes(parents, background)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (a & b).sum((1, 2)) / (a | b).sum((1, 2))
+
+
+def palette_overlap(images, parents, background):
+    """Per pair [N], the share of each image's sprite pixels whose exact colour the parent's sprite
+    has: how much of a parent's palette a fusion keeps. NaN for an image that is all background."""
+    keys, parent_keys = colour_keys(images), colour_keys(parents)
+    sprite, parent_sprite = silhouettes(images, background), silhouettes(parents, background)
+    shares = np.full(len(images), np.nan)
+    for i in range(len(images)):
+        if sprite[i].any():
+            shares[i] = np.isin(keys[i][sprite[i]], parent_keys[i][parent_sprite[i]]).mean()
+    return shares
+
+
 def foreign_colour_rate(ref, out):
     """Share of output pixels whose colour appears nowhere in the matching input image."""
     # Tagging each key with its image index lets one isin() test every image against its own

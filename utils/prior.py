@@ -24,7 +24,8 @@ from utils.fid import fid, fid_statistics, load_fid_inception
 from utils.fid_weights import resolve_fid_weights, weights_record
 from utils.images import from_batch, to_batch
 from utils.io import atomic_path, write_json
-from utils.metrics import cleanliness
+from utils.fusions import GUIDE_STRENGTH, PRIOR_METHODS, fuse_latents, fusion_pairs, palette_swap, prior_fusion, swap
+from utils.metrics import cleanliness, palette_overlap, silhouette_overlap
 from utils.plots import image_grid, save_png, upscale_nearest
 from utils.train import (LOG_EVERY, ROOT, TrainingDiverged, accelerated, batches, experiment_folder, experiment_lock,
                          interrupted_message, load_model, load_splits, make_optimizer, plain_background_set,
@@ -231,18 +232,25 @@ def paired_rows(top, bottom, columns):
     return np.stack([top, bottom], axis=1).reshape(-1, *top.shape[2:])
 
 
-def sample_fid(samples, real, test_images, config, device):
-    """{"fid": FID of the samples against the test split, "floor_fid": that of as many `real`
-    training sprites, the FID a perfect prior would reach at this count, "fid_weights": which
-    weights gave them}, or {"fid": None, "fid_reason": why there is none}."""
+def fids(image_sets, test_images, config, device):
+    """({name: FID of those uint8 images against the test split}, {"fid_weights": which weights})
+    with one Inception and one pass over the test split, or (None, {"fid_reason": why not})."""
     try:
         weights = resolve_fid_weights(config["fid_weights"] or None)
         model = load_fid_inception(weights, config["fid_dims"], device)
         test = fid_statistics(test_images, model)
-        value, floor = (fid(images, test, model=model) for images in (samples, real))
+        return {name: fid(images, test, model=model) for name, images in image_sets.items()}, \
+            {"fid_weights": weights_record(weights)}
     except UserError as err:
-        return {"fid": None, "fid_reason": str(err)}
-    return {"fid": value, "floor_fid": floor, "fid_weights": weights_record(weights)}
+        return None, {"fid_reason": str(err)}
+
+
+def sample_fid(samples, real, test_images, config, device):
+    """{"fid": FID of the samples against the test split, "floor_fid": that of as many `real`
+    training sprites, the FID a perfect prior would reach at this count, "fid_weights": which
+    weights gave them}, or {"fid": None, "fid_reason": why there is none}."""
+    values, record = fids({"fid": samples, "floor_fid": real}, test_images, config, device)
+    return {"fid": None, **record} if values is None else {**values, **record}
 
 
 def cleanliness_summary(images, labels):
@@ -351,6 +359,60 @@ def sample_backgrounds(samples):
     return ((corners[:, None] - colours[None]) ** 2).sum(-1).argmin(1)
 
 
+def fusion_methods(vq_model):
+    """The fusions a prior run scores: the latent blend and code swap as baselines, the prior's own
+    and, for a palette-output model, a's shape in b's palette."""
+    return ["blend", "swap", *PRIOR_METHODS] + (["palette-swap"] if getattr(vq_model, "draws_with_palette", False)
+                                                 else [])
+
+
+def fuse_batch(method, prior, vq_model, xa, xb, labels, generator):
+    if method == "blend":
+        return fuse_latents(vq_model, "vqvae", xa, xb, [0.5])
+    if method == "swap":
+        return swap(vq_model, "vqvae", xa, xb)
+    if method == "palette-swap":
+        return palette_swap(vq_model, xa, xb)
+    return prior_fusion(prior, vq_model, xa, xb, method, labels, generator)
+
+
+def write_prior_fusions(prior, vq_model, test_set, data_dir, out, config, device):
+    """Fusions of `num_fusion_scores` pairs of white test sprites by every method: a figure of the
+    first pairs (fusion_grid.png: a, b, then each method) and, per method, FID against the test split
+    and how much of each parent a fusion keeps; returns those scores."""
+    species = json.loads((Path(data_dir) / "manifest.json").read_text())["sprite_species"]
+    pairs = fusion_pairs(test_set.names, species, config["num_fusion_scores"], config["seed"])
+    position = {name: i for i, name in enumerate(test_set.names)}
+    a = test_set.images[[position[x] for x, _ in pairs]]
+    b = test_set.images[[position[y] for _, y in pairs]]
+    methods = fusion_methods(vq_model)
+    fused = {method: [] for method in methods}
+    white = BACKGROUNDS.index("white")
+    generator = torch.Generator(device).manual_seed(config["seed"])
+    with torch.inference_mode():
+        for start in range(0, len(pairs), config["batch_size"]):
+            xa, xb = (to_batch(images[start:start + config["batch_size"]], device) for images in (a, b))
+            labels = torch.full((len(xa),), white, device=device) if config.get("condition_on_background") else None
+            for method in methods:
+                fused[method].append(from_batch(fuse_batch(method, prior, vq_model, xa, xb, labels, generator)))
+    fused = {method: np.concatenate(images) for method, images in fused.items()}
+    shown = min(FIGURE_SAMPLES // 8, len(pairs))
+    rows = np.stack([a[:shown], b[:shown], *[fused[m][:shown] for m in methods]], 1).reshape(-1, *a.shape[1:])
+    save_png(upscale_nearest(image_grid(rows, 2 + len(methods)), 2), out / "fusion_grid.png")
+    colour = np.array(BACKGROUND_COLOURS["white"], np.uint8)
+    values, record = fids(fused, test_set.images, config, device)
+    scores = {}
+    for method, images in fused.items():
+        scores[method] = {"fid": None if values is None else values[method],
+                          "silhouette_overlap_a": float(np.nanmean(silhouette_overlap(images, a, colour))),
+                          "silhouette_overlap_b": float(np.nanmean(silhouette_overlap(images, b, colour))),
+                          "palette_overlap_a": float(np.nanmean(palette_overlap(images, a, colour))),
+                          "palette_overlap_b": float(np.nanmean(palette_overlap(images, b, colour))),
+                          "cleanliness": cleanliness_summary(images, np.full(len(images), white))}
+    return {"fusion_pairs": len(pairs), "fusion_methods": methods, "fusion_guide_strength": GUIDE_STRENGTH,
+            "fusions": scores, **record}
+
+
 def check_sampling(config):
     """Refuse missing FID weights before training rather than after (the ranges of the other
     sampling keys are utils/config.py's)."""
@@ -421,6 +483,10 @@ def train_prior(config, model_type):
     started = time.perf_counter()
     metrics.update(write_samples(model, vq_model, grids, splits, train_set, test_set, out, config, device))
     metrics["sample_seconds"] = round(time.perf_counter() - started, 2)
+    if config.get("num_fusion_scores"):
+        started = time.perf_counter()
+        metrics.update(write_prior_fusions(model, vq_model, test_set, data_dir, out, config, device))
+        metrics["fusion_seconds"] = round(time.perf_counter() - started, 2)
     write_json(out / "metrics.json", metrics)
     print(f"test {metrics['test_bits_per_code']:.4f} bits/code (uniform: {metrics['uniform_bits_per_code']:.1f}); "
           f"{metrics['num_samples']} samples in {out / 'samples'}, nearest training image MSE "
