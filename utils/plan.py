@@ -97,8 +97,9 @@ SPEED = {"paper_pixel_vqvae": 155, "paper_vqvae": 1330, "paper_vae": 144,
 # test split's): 25.5 minutes for both passes in the first run that timed it, on a shared machine,
 # NCHW; channels last, as utils/fid.py now runs it, measured 1.57x faster on one thread. About 8
 # minutes a pass, then, plus 2 for validation, the test scores and the fusions.
-# A GPT prior's: 1,000 samples, the FIDs of them and of as many real sprites, nearest neighbours.
-OVERHEAD_MINUTES = {"autoencoder": 10, "prior": 12, "generation": 14}
+# A GPT prior's: 1,000 samples and 1,000 fusions by each of four methods, their FIDs and that of as many
+# real sprites, nearest neighbours.
+OVERHEAD_MINUTES = {"autoencoder": 10, "prior": 12, "generation": 20}
 
 BUDGETS = {
     # The paper's length: every script at its defaults, 25 epochs, the prior at its own (20 epochs).
