@@ -37,7 +37,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.quantizer import kmeans, nearest_code  # noqa: E402
 from utils.config import parse_config  # noqa: E402
-from utils.data import SpriteSet, load_split, resolve_dataset  # noqa: E402
+from utils.data.load import SpriteSet, load_split, resolve_dataset  # noqa: E402
 from utils.device import describe_machine  # noqa: E402
 from utils.io import write_json  # noqa: E402
 from utils.metrics import BITS_PER_COLOUR, colour_counts, colour_keys  # noqa: E402

@@ -11,7 +11,7 @@ from models.fast import FastPathUnavailable, accelerate
 from models import palette
 from models.palette import palette_ranks, palette_union, sprite_palettes
 from tests.helpers import palette_batch, train
-from utils.data import SpriteSet
+from utils.data.load import SpriteSet
 from utils.errors import UserError
 from utils.metrics import BITS_PER_COLOUR, bits_per_sprite, colours_per_image
 from utils.prior import decode_grids, nearest_grids

@@ -13,7 +13,7 @@ from PIL import Image
 
 from models import GatedPixelCNN, build_model
 from tests.helpers import ROOT
-from utils.data import load_split
+from utils.data.load import load_split
 from utils import prior as prior_module
 from utils.prior import encode_split, nearest_images, paired_rows, run_prior_epoch, sample_fid
 from utils.train import load_model, save_model

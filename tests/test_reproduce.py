@@ -11,7 +11,8 @@ import torch
 from tests.helpers import ROOT, files, refusal
 from tests.sprites import write_species_folders
 from utils import plan as planned
-from utils.data import PrepareOptions, load_split, prepare
+from utils.data.load import load_split
+from utils.data.prepare import PrepareOptions, prepare
 from utils.device import describe_machine
 from utils.io import write_json
 from utils.metrics import bits_per_sprite

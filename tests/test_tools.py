@@ -8,7 +8,8 @@ from PIL import Image
 from tests.helpers import exit_status
 from tests.sprites import sprite_rgba, write_species_folders
 from utils import fuse, metrics, reconstruct
-from utils.data import PrepareOptions, load_split, prepare
+from utils.data.load import load_split
+from utils.data.prepare import PrepareOptions, prepare
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import data
+from utils.data.sprites import BACKGROUND_COLOURS, SkipImage, sprite_image
 from utils.device import choose_device
 from utils.errors import UserError, exit_on_user_error
 from utils.fusions import write_pair
@@ -25,8 +25,8 @@ def prepared(path, size, background):
     if not path.is_file():
         raise UserError(f"{path} is not a file")
     try:
-        return data.sprite_image(path, size, background)[0]
-    except data.SkipImage as why:
+        return sprite_image(path, size, background)[0]
+    except SkipImage as why:
         raise UserError(f"{path} cannot be used: {why}") from None
 
 
@@ -37,7 +37,7 @@ def main(argv=None):
     parser.add_argument("sprite_a")
     parser.add_argument("sprite_b")
     parser.add_argument("out_dir")
-    parser.add_argument("--background", choices=sorted(data.BACKGROUND_COLOURS), default="white")
+    parser.add_argument("--background", choices=sorted(BACKGROUND_COLOURS), default="white")
     parser.add_argument("--steps", type=int, default=8, help="images in the interpolation strip")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from models import build_model, negative_log_likelihood, sample_codes
 from models.palette import sprite_palettes
 from utils.config import parse_config, print_config
+from utils.data.load import load_splits
 from utils.device import choose_device
 from utils.errors import UserError, exit_on_user_error, first_sentence
 from utils.fid import fid
@@ -24,7 +25,7 @@ from utils.images import from_batch, to_batch
 from utils.io import atomic_path, write_json
 from utils.plots import image_grid, save_png, upscale_nearest
 from utils.train import (LOG_EVERY, ROOT, TrainingDiverged, accelerated, batches, experiment_folder, experiment_lock,
-                         interrupted_message, load_model, load_splits, make_optimizer, prepare_output_dir,
+                         interrupted_message, load_model, make_optimizer, prepare_output_dir,
                          refuse_a_model_beyond_memory, resume_from,
                          save_checkpoint, seed_everything, start_output_dir, training_subset, write_model_and_history)
 

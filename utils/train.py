@@ -19,8 +19,9 @@ from models import build_model, described_model, model_defaults, model_keys, obj
 from models.collectives import all_reduce_sum
 from models.fast import accelerate
 from models.fast.threads import cpu_has_bfloat16
-from utils import data
 from utils.config import parse_config, print_config, save_config
+from utils.data.load import SpriteSet, read_splits, resolve_dataset
+from utils.data.sprites import BACKGROUND_COLOURS, background_of
 from utils.data_parallel import (agreed, barrier, batch_shares, data_parallel, earliest_over_ranks,
                                  gathered_on_first_rank, is_first_rank, process_device, process_group,
                                  same_buffers_as_first_rank, summed_over_ranks, world_size)
@@ -528,27 +529,12 @@ def summary_table(metrics):
     return "\n".join(f"  {k:<24s} {v:.4f}" if isinstance(v, float) else f"  {k:<24s} {v}" for k, v in rows)
 
 
-def read_splits(data_dir, image_size):
-    """The train, validation and test sets of a prepared folder, checked against `image_size`."""
-    train_set, val_set, test_set = (data.load_split(data_dir, s) for s in data.SPLITS)
-    if train_set.images.shape[1] != image_size:
-        raise UserError(f"{data_dir} holds {train_set.images.shape[1]}-pixel images, "
-                        f"but image_size is {image_size}")
-    return train_set, val_set, test_set
-
-
-def load_splits(dataset, image_size):
-    """(prepared folder, train, val, test) for a script's `dataset` key, prepared when missing."""
-    data_dir = data.resolve_dataset(dataset, image_size)
-    return (data_dir, *read_splits(data_dir, image_size))
-
-
 def training_subset(train_set, max_images, seed):
     """A seeded choice of `max_images` training sprites (0: all), the same for every script."""
     if not 0 < max_images < len(train_set):
         return train_set
     keep = np.sort(np.random.default_rng(seed).choice(len(train_set), max_images, replace=False))
-    return data.SpriteSet(train_set.images[keep], train_set.masks[keep], [train_set.names[i] for i in keep])
+    return SpriteSet(train_set.images[keep], train_set.masks[keep], [train_set.names[i] for i in keep])
 
 
 def palette_training_set(train_set, config):
@@ -567,7 +553,7 @@ def palette_training_set(train_set, config):
     if len(keep) < len(train_set) and is_first_rank():
         print(f"palette_output: {len(train_set) - len(keep)} of {len(train_set)} training images have more than "
               f"{config['palette_max_colours']} colours (noise backgrounds) and are left out")
-    return data.SpriteSet(train_set.images[keep], train_set.masks[keep], [train_set.names[i] for i in keep])
+    return SpriteSet(train_set.images[keep], train_set.masks[keep], [train_set.names[i] for i in keep])
 
 
 def plain_background_set(train_set, config):
@@ -576,10 +562,10 @@ def plain_background_set(train_set, config):
     take the loss of half the training images."""
     if not config.get("plain_backgrounds_only"):
         return train_set
-    keep = [i for i, name in enumerate(train_set.names) if data.background_of(name) in data.BACKGROUND_COLOURS]
+    keep = [i for i, name in enumerate(train_set.names) if background_of(name) in BACKGROUND_COLOURS]
     if not keep:
         raise UserError("plain_backgrounds_only: no training image is on a plain background")
-    return data.SpriteSet(train_set.images[keep], train_set.masks[keep], [train_set.names[i] for i in keep])
+    return SpriteSet(train_set.images[keep], train_set.masks[keep], [train_set.names[i] for i in keep])
 
 
 def train(model_type, config, device):
@@ -614,7 +600,7 @@ def train_unlocked(model_type, config, device):
     out = experiment_folder(config)
     checkpoint_path = out / "checkpoint.pt"
     # Rank 0 alone checks the folder and prepares the data; the others read what it made.
-    resume_path, data_dir = agreed(lambda: (prepare_output_dir(out, config), data.resolve_dataset(
+    resume_path, data_dir = agreed(lambda: (prepare_output_dir(out, config), resolve_dataset(
         config["dataset"], config["image_size"])), first_rank_only=True)
     seed_everything(config["seed"])
     train_set, val_set, test_set = agreed(lambda: read_splits(data_dir, config["image_size"]))
