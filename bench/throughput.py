@@ -43,7 +43,8 @@ from utils.data.prepare import DATA, PrepareOptions, prepare  # noqa: E402
 from utils.device import choose_device, describe_machine  # noqa: E402
 from utils.images import to_batch  # noqa: E402
 from utils.io import write_json  # noqa: E402
-from utils.train import accelerated, make_optimizer, palette_training_set, run_epoch  # noqa: E402
+from utils.training.fast_path import accelerated  # noqa: E402
+from utils.training.loop import make_optimizer, palette_training_set, run_epoch  # noqa: E402
 
 config = dict(
     configurations="pixel_vqvae,pixel_vqvae_16x16,vqvae,vae",

@@ -29,7 +29,8 @@ from models.collectives import all_gather_rows
 from utils.data_parallel import agreed, batch_shares, data_parallel
 from utils.errors import UserError
 from utils.metrics import image_metrics
-from utils.train import accelerated, run_epoch, seed_everything
+from utils.training.fast_path import accelerated
+from utils.training.loop import run_epoch, seed_everything
 
 BATCH = 8  # per process; one process takes 2 * BATCH
 TRAIN_IMAGES = 43  # global batches of 16, 16 and 11, whose last splits unevenly, 5 and 6

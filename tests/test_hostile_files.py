@@ -15,7 +15,8 @@ from utils import reconstruct
 from utils.data.__main__ import main as data_main
 from utils.data.prepare import PrepareOptions, prepare, source_fingerprint
 from utils.errors import UserError
-from utils.train import experiment_lock, load_training_checkpoint, prepare_output_dir, record_resume_changes
+from utils.training.checkpoints import load_training_checkpoint, record_resume_changes
+from utils.training.experiment import experiment_lock, prepare_output_dir
 
 QUIET = dict(log=lambda _: None, workers=1)
 OPTIONS = PrepareOptions(image_size=16, rotations=())

@@ -22,7 +22,7 @@ from utils.data.prepare import PrepareOptions, prepare
 from utils.device import refuse_beyond_memory
 from utils.errors import EXIT_INTERRUPTED, UserError
 from utils.io import make_folder
-from utils.prior import code_grids
+from utils.training.prior import code_grids
 
 PYTHON = sys.executable
 

@@ -17,7 +17,7 @@ from utils.errors import UserError, exit_on_user_error
 from utils.fusions import write_pair
 from utils.plots import image_grid, save_png
 from utils.reconstruct import experiment_dir
-from utils.train import load_model
+from utils.training.checkpoints import load_model
 
 
 def prepared(path, size, background):

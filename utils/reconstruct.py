@@ -28,7 +28,8 @@ from utils.images import from_batch, to_batch
 from utils.io import write_json
 from utils.metrics import image_metrics
 from utils.plots import save_png
-from utils.train import EXPERIMENT_MARK, ROOT, load_model
+from utils.training.checkpoints import load_model
+from utils.training.experiment import EXPERIMENT_MARK, ROOT
 
 BATCH = 256
 

@@ -1,7 +1,7 @@
 """The PixelCNN prior's loop: code grids of a frozen VQ model, cross-entropy training, new sprites.
 
 `train_pixelcnn.py` is its config block and `run_prior(config, sys.argv[1:])`. Data choice, output
-folder, checkpoints and resume are the VQ scripts' own (utils/train.py)."""
+folder, checkpoints and resume are the VQ scripts' own (utils/training/)."""
 import hashlib
 import json
 import math
@@ -24,10 +24,12 @@ from utils.fid_weights import resolve_fid_weights, weights_record
 from utils.images import from_batch, to_batch
 from utils.io import atomic_path, write_json
 from utils.plots import image_grid, save_png, upscale_nearest
-from utils.train import (LOG_EVERY, ROOT, TrainingDiverged, accelerated, batches, experiment_folder, experiment_lock,
-                         interrupted_message, load_model, make_optimizer, prepare_output_dir,
-                         refuse_a_model_beyond_memory, resume_from,
-                         save_checkpoint, seed_everything, start_output_dir, training_subset, write_model_and_history)
+from utils.training.checkpoints import load_model, resume_from, save_checkpoint
+from utils.training.experiment import (ROOT, experiment_folder, experiment_lock, prepare_output_dir, start_output_dir,
+                                       write_model_and_history)
+from utils.training.fast_path import accelerated
+from utils.training.loop import (LOG_EVERY, TrainingDiverged, batches, interrupted_message, make_optimizer,
+                                 refuse_a_model_beyond_memory, seed_everything, training_subset)
 
 MODEL_TYPE = "pixelcnn"
 CODES_FILE = "codes.npz"
