@@ -5,7 +5,7 @@
     python bench/exact_bounds.py --codes=256 --limit=500     # a quick look, written nowhere
 
 With `--out`, the figures are also written to that JSON file with the command, the processor and
-the date; docs/results/results.md quotes them from there (utils.results).
+the date; docs/results/results.md quotes them from there (utils.reproduce.results).
 
 1. Codes of the colour alone. A per-pixel model whose every layer is 1x1 maps each colour to a code
    whatever the sprite around it; decoded into the sprite's own palette, each code can stand for one

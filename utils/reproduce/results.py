@@ -10,7 +10,7 @@ import numpy as np
 
 from models.palette import BITS_PER_COLOUR
 from utils.errors import UserError
-from utils.figures import ablation_figure, rate_figure, reconstruction_figure
+from utils.reproduce.figures import ablation_figure, rate_figure, reconstruction_figure
 from utils.io import atomic_path, write_json
 from utils.metrics import code_grid_size, draws_with_palette, load_rgb
 from utils.report import reference_dir
