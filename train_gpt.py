@@ -8,7 +8,7 @@ Its config is train_pixelcnn.py's with what differs below; `--help` lists every 
 import sys
 
 from train_pixelcnn import config as pixelcnn_config
-from utils.prior import run_prior
+from utils.training.prior import run_prior
 
 PIXELCNN_ONLY = ("hidden_channels", "kernel_size")
 

@@ -9,7 +9,7 @@ Its config is train_vqvae.py's with the paper's additions below; `--help` lists 
 import sys
 
 from train_vqvae import config as vqvae_config
-from utils.train import run_experiment
+from utils.training.loop import run_experiment
 
 config = {
     **vqvae_config,

@@ -5,7 +5,7 @@
 """
 import sys
 
-from utils.prior import run_prior
+from utils.training.prior import run_prior
 
 config = dict(
     experiment_name="pixelcnn",  # outputs go to <output_dir>/<experiment_name>/

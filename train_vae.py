@@ -5,7 +5,7 @@
 """
 import sys
 
-from utils.train import TRAINING, run_experiment
+from utils.training.loop import TRAINING, run_experiment
 
 config = dict(
     experiment_name="vae",  # outputs go to <output_dir>/<experiment_name>/
@@ -15,7 +15,7 @@ config = dict(
     max_filters=512,
     latent_dim=256,
     kl_weight=1.0,  # beta
-    **TRAINING,  # data, outputs, batch size, epochs, learning rate, ...: utils/train.py
+    **TRAINING,  # data, outputs, batch size, epochs, learning rate, ...: utils/training/loop.py
 )
 
 if __name__ == "__main__":

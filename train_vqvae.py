@@ -5,7 +5,7 @@
 """
 import sys
 
-from utils.train import TRAINING, run_experiment
+from utils.training.loop import TRAINING, run_experiment
 
 config = dict(
     experiment_name="vqvae",  # outputs go to <output_dir>/<experiment_name>/
@@ -50,7 +50,7 @@ config = dict(
     adversarial_start=0,  # training steps of reconstruction alone before the discriminator trains
     discriminator_channels=64,
     discriminator_layers=2,  # 4x4 stride-2 layers: each logit judges a patch of about 34 pixels
-    **TRAINING,  # data, outputs, batch size, epochs, learning rate, ...: utils/train.py
+    **TRAINING,  # data, outputs, batch size, epochs, learning rate, ...: utils/training/loop.py
 )
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from distinct import WARMUP_STEPS, alternate, report  # noqa: E402
 from models import build_model  # noqa: E402
 from utils.config import parse_config  # noqa: E402
 from utils.device import LARGEST_INT, M_MMAP_THRESHOLD, M_TOP_PAD, M_TRIM_THRESHOLD, keep_freed_memory  # noqa: E402
-from utils.train import accelerated, make_optimizer  # noqa: E402
+from utils.training.fast_path import accelerated  # noqa: E402
+from utils.training.loop import make_optimizer  # noqa: E402
 
 config = dict(
     configuration="vae",  # a configuration of bench/throughput.py

@@ -25,7 +25,7 @@ from models.fast import accelerate  # noqa: E402
 from utils.config import parse_config  # noqa: E402
 from utils.device import choose_device  # noqa: E402
 from utils.images import to_batch  # noqa: E402
-from utils.train import make_optimizer, training_precision  # noqa: E402
+from utils.training.loop import make_optimizer, training_precision  # noqa: E402
 
 config = dict(
     configuration="pixel_vqvae_16x16",  # a VQ-VAE of bench/throughput.py: pixel_vqvae, pixel_vqvae_16x16, vqvae

@@ -5,7 +5,7 @@
     python bench/exact_bounds.py --codes=256 --limit=500     # a quick look, written nowhere
 
 With `--out`, the figures are also written to that JSON file with the command, the processor and
-the date; docs/results/results.md quotes them from there (utils.results).
+the date; docs/results/results.md quotes them from there (utils.reproduce.results).
 
 1. Codes of the colour alone. A per-pixel model whose every layer is 1x1 maps each colour to a code
    whatever the sprite around it; decoded into the sprite's own palette, each code can stand for one
@@ -37,7 +37,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from models.quantizer import kmeans, nearest_code  # noqa: E402
 from utils.config import parse_config  # noqa: E402
-from utils.data import SpriteSet, load_split, resolve_dataset  # noqa: E402
+from utils.data.load import SpriteSet, load_split, resolve_dataset  # noqa: E402
 from utils.device import describe_machine  # noqa: E402
 from utils.io import write_json  # noqa: E402
 from utils.metrics import BITS_PER_COLOUR, colour_counts, colour_keys  # noqa: E402

@@ -36,12 +36,15 @@ from models import build_model  # noqa: E402
 from models.fast import kernels  # noqa: E402
 from models.fast.distinct import distinct_blocks  # noqa: E402
 from models.fast.threads import cpu_has_bfloat16  # noqa: E402
-from utils import data  # noqa: E402
 from utils.config import parse_config  # noqa: E402
+from utils.data.fetch import fetch_pokemon  # noqa: E402
+from utils.data.load import SpriteSet  # noqa: E402
+from utils.data.prepare import DATA, PrepareOptions, prepare  # noqa: E402
 from utils.device import choose_device, describe_machine  # noqa: E402
 from utils.images import to_batch  # noqa: E402
 from utils.io import write_json  # noqa: E402
-from utils.train import accelerated, make_optimizer, palette_training_set, run_epoch  # noqa: E402
+from utils.training.fast_path import accelerated  # noqa: E402
+from utils.training.loop import make_optimizer, palette_training_set, run_epoch  # noqa: E402
 
 config = dict(
     configurations="pixel_vqvae,pixel_vqvae_16x16,vqvae,vae",
@@ -92,7 +95,7 @@ def synchronize(device):
 
 def splits(image_size, train_count, test_count, seed):
     """(train, test) SpriteSets: the prepared Pokemon splits when present, else synthetic sprites."""
-    prepared = data.DATA / "pokemon"
+    prepared = DATA / "pokemon"
     if (prepared / "manifest.json").exists():
         train_path, test_path = (prepared / f"{split}_images.npy" for split in ("train", "test"))
         train_shape, test_shape = saved_shape(train_path), saved_shape(test_path)
@@ -148,7 +151,7 @@ def read_rows(path, rows):
 
 def sprite_set(images):
     images = np.array(images)
-    return data.SpriteSet(images, np.ones(images.shape[:3], bool), [f"{i}.png" for i in range(len(images))])
+    return SpriteSet(images, np.ones(images.shape[:3], bool), [f"{i}.png" for i in range(len(images))])
 
 
 def flops_per_image(model_type, run_config, model, device, batch=8):
@@ -272,10 +275,10 @@ def copy_bandwidth(device, megabytes=256, repeats=5):
 
 def time_preparation(image_size):
     """Seconds to prepare the whole set from the fetched source (fetching it first if needed)."""
-    data.fetch_pokemon()
+    fetch_pokemon()
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        data.prepare(None, Path(tmp) / "pokemon", data.PrepareOptions(image_size=image_size), log=lambda _: None)
+        prepare(None, Path(tmp) / "pokemon", PrepareOptions(image_size=image_size), log=lambda _: None)
         return time.perf_counter() - started
 
 

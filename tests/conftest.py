@@ -6,7 +6,7 @@ from torchvision.models.inception import Inception3
 
 from tests.helpers import train
 from tests.sprites import write_species_folders
-from utils.data import PrepareOptions, prepare
+from utils.data.prepare import PrepareOptions, prepare
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import torch
 from utils.errors import UserError
 import train_vqvae
 from models import build_model
-from utils.train import architecture, load_checkpoint, load_model
+from utils.training.checkpoints import architecture, load_checkpoint, load_model
 
 
 class RunsCode:

@@ -11,8 +11,13 @@ from PIL import Image
 
 from tests.helpers import exit_status
 from tests.sprites import sprite_rgba, write_species_folders
-from utils import data, ood
-from utils.data import PrepareOptions, load_split, prepare
+from utils.data import fetch, ood
+from utils.data.__main__ import main as data_main
+from utils.data.fetch import POKESPRITE_INTEGRITY, _integrity, fetch_pokemon, pokemon_species_of_files
+from utils.data.load import load_split, resolve_dataset
+from utils.data.prepare import SPLITS, PrepareOptions, prepare
+from utils.data.sources import _safe_key, species_of
+from utils.data.sprites import background, crop_to_canvas, decode_rgba
 from utils.errors import UserError
 
 SMALL = PrepareOptions(image_size=24, seed=3)
@@ -32,13 +37,13 @@ def prepared(tmp_path, src, options=SMALL, name="out"):
 
 def test_split_keeps_every_species_in_one_split(tmp_path, source):
     manifest, out, _ = prepared(tmp_path, source[0])
-    species = {s: set(manifest["splits"][s]["species"]) for s in data.SPLITS}
+    species = {s: set(manifest["splits"][s]["species"]) for s in SPLITS}
     assert not species["train"] & species["val"]
     assert not species["train"] & species["test"]
     assert not species["val"] & species["test"]
     assert set().union(*species.values()) == {f"sp{i:02d}" for i in range(10)}
-    assert [len(species[s]) for s in data.SPLITS] == [8, 1, 1]
-    for split in data.SPLITS:
+    assert [len(species[s]) for s in SPLITS] == [8, 1, 1]
+    for split in SPLITS:
         for name in load_split(out, split).names:
             key = name.split("__")[0]
             assert manifest["sprite_species"][key] in species[split]
@@ -47,12 +52,12 @@ def test_split_keeps_every_species_in_one_split(tmp_path, source):
 def test_counts_per_split_follow_backgrounds_and_augmentations(tmp_path, source):
     manifest, out, _ = prepared(tmp_path, source[0])
     per_sprite = {"train": 6 * 4, "val": 6 * 2, "test": 6 * 2}
-    for split in data.SPLITS:
+    for split in SPLITS:
         entry = manifest["splits"][split]
         assert entry["images"] == entry["sprites"] * per_sprite[split]
         assert len(list((out / split).glob("*.png"))) == entry["images"]
         assert len(load_split(out, split)) == entry["images"]
-    assert sum(manifest["splits"][s]["sprites"] for s in data.SPLITS) == 20
+    assert sum(manifest["splits"][s]["sprites"] for s in SPLITS) == 20
 
 
 def test_packed_arrays_equal_the_png_files(tmp_path, source):
@@ -65,14 +70,14 @@ def test_packed_arrays_equal_the_png_files(tmp_path, source):
 def test_every_output_pixel_is_a_source_colour_or_the_background(tmp_path, source):
     src, made = source
     manifest, out, _ = prepared(tmp_path, src)
-    key_to_rgba = {data._safe_key(str(Path(rel).with_suffix("")).replace("/", "-")): rgba for rel, rgba in made.items()}
-    for split in data.SPLITS:
+    key_to_rgba = {_safe_key(str(Path(rel).with_suffix("")).replace("/", "-")): rgba for rel, rgba in made.items()}
+    for split in SPLITS:
         sprites = load_split(out, split)
         for image, mask, name in zip(sprites.images, sprites.masks, sprites.names):
             key, bg, aug = name[:-4].split("__")
             rgba = key_to_rgba[key]
             colours = {tuple(c) for c in rgba[rgba[..., 3] > 0][:, :3]}
-            back = data.background(bg, SMALL.image_size, SMALL.seed, name)
+            back = background(bg, SMALL.image_size, SMALL.seed, name)
             assert all(tuple(c) in colours for c in image[mask])
             assert np.array_equal(image[~mask], back[~mask])
             assert mask.sum() == (rgba[..., 3] > 0).sum() or aug.startswith("rot")
@@ -130,7 +135,7 @@ def test_every_png_mode_decodes_to_its_exact_colours(mode):
     image, expected = rgba_in_mode(mode)
     buffer = io.BytesIO()
     image.save(buffer, "PNG", transparency=0) if mode == "P" else image.save(buffer, "PNG")
-    got = data.decode_rgba(buffer.getvalue())
+    got = decode_rgba(buffer.getvalue())
     assert np.array_equal(got[..., 3] > 0, expected[..., 3] > 0)
     opaque = expected[..., 3] > 0
     assert np.array_equal(got[opaque][:, :3], expected[opaque][:, :3])
@@ -140,7 +145,7 @@ def test_sixteen_bit_grey_is_scaled_not_clipped():
     grey = np.array([[0, 32896, 65535]], np.uint16)
     buffer = io.BytesIO()
     Image.fromarray(grey).save(buffer, "PNG")
-    got = data.decode_rgba(buffer.getvalue())
+    got = decode_rgba(buffer.getvalue())
     assert got[0, :, 0].tolist() == [0, 128, 255]
     assert got[0, :, 3].tolist() == [255, 255, 255]
 
@@ -178,7 +183,7 @@ def test_a_sprite_larger_than_the_canvas_is_centre_cropped_and_counted(tmp_path,
     manifest, out, logs = prepared(tmp_path, src)
     assert manifest["centre_cropped"] == ["sp04/big.png"]
     assert "centre-cropped 1 sprite(s) larger than the 24x24 canvas; manifest.json lists them under centre_cropped" in logs
-    canvas, cropped = data.crop_to_canvas(big, 24)
+    canvas, cropped = crop_to_canvas(big, 24)
     assert cropped and canvas.shape == (24, 24, 4)
     assert canvas[0, 3, 0] == 8 * 5 and (canvas[..., 3] > 0).sum() == 24 * 24
 
@@ -203,7 +208,7 @@ def test_an_interrupted_prepare_leaves_nothing_that_looks_complete(tmp_path, sou
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(data.np, "save", stop)
+    monkeypatch.setattr(np, "save", stop)
     with pytest.raises(KeyboardInterrupt):
         prepare(source[0], tmp_path / "out", SMALL, log=lambda _: None, workers=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
@@ -218,9 +223,9 @@ def test_a_zip_of_sprites_groups_top_level_files_by_the_name_before_double_under
             z.writestr(f"hero{i % 6}__{i}.png", buffer.getvalue())
     manifest = prepare(archive, tmp_path / "out", SMALL, log=lambda _: None, workers=2)
     assert manifest["sprite_species"]["hero1--7"] == "hero1"
-    assert sum(len(manifest["splits"][s]["species"]) for s in data.SPLITS) == 6
-    assert data.species_of("mario/walk1.png") == "mario"
-    assert data.species_of("link.png") == "link"
+    assert sum(len(manifest["splits"][s]["species"]) for s in SPLITS) == 6
+    assert species_of("mario/walk1.png") == "mario"
+    assert species_of("link.png") == "link"
 
 
 def test_pokemon_files_map_to_species_from_the_package_data(tmp_path):
@@ -232,7 +237,7 @@ def test_pokemon_files_map_to_species_from_the_package_data(tmp_path):
     }
     path = tmp_path / "pokemon.json"
     path.write_text(json.dumps(entries))
-    stems = data.pokemon_species_of_files(path)
+    stems = pokemon_species_of_files(path)
     assert stems == {"mr-mime": "122", "mr-mime-galar": "122", "ho-oh": "250", "porygon-z": "474", "tapu-koko": "785"}
 
 
@@ -261,7 +266,7 @@ def _not_the_pinned_deb(folder):
 
 
 # Each fetcher, and a download that is well formed but not the file its pin names.
-FETCHERS = {"pokemon": (lambda root, fake: data.fetch_pokemon(root, pack=fake), fake_package),
+FETCHERS = {"pokemon": (lambda root, fake: fetch_pokemon(root, pack=fake), fake_package),
             "angband": (lambda root, fake: ood.fetch_angband(root, download=fake), _not_the_pinned_deb)}
 
 
@@ -295,12 +300,12 @@ def test_a_verified_download_unpacks_only_what_is_used_and_is_not_fetched_twice(
         calls.append(folder)
         return Path(shutil.copy(built, folder))
 
-    expected = data._integrity(built)
-    monkeypatch.setattr(data, "POKESPRITE_INTEGRITY", expected)
-    root = data.fetch_pokemon(tmp_path / "pokemon", pack=pack)
+    expected = _integrity(built)
+    monkeypatch.setattr(fetch, "POKESPRITE_INTEGRITY", expected)
+    root = fetch_pokemon(tmp_path / "pokemon", pack=pack)
     kept = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
     assert kept == ["SOURCE.json", "data/pokemon.json", "license.md", "pokemon-gen8/regular/bulbasaur.png"]
-    data.fetch_pokemon(tmp_path / "pokemon", pack=pack)
+    fetch_pokemon(tmp_path / "pokemon", pack=pack)
     assert len(calls) == 1
 
 
@@ -316,11 +321,11 @@ def test_a_damaged_manifest_is_a_clear_error(tmp_path, source, damage):
     _, out, _ = prepared(tmp_path, source[0])
     (out / "manifest.json").write_text(damage)
     with pytest.raises(UserError, match="manifest.json is damaged; prepare the data set again with --force"):
-        data.resolve_dataset(str(out), SMALL.image_size)
+        resolve_dataset(str(out), SMALL.image_size)
 
 
 def test_the_command_line_reports_a_bad_source_in_one_line(tmp_path, capsys):
-    assert exit_status(data.main, ["prepare", "--source", str(tmp_path / "nowhere")]) == 2
+    assert exit_status(data_main, ["prepare", "--source", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nowhere" in err[0] and err[0].startswith("error:")
 
@@ -328,10 +333,10 @@ def test_the_command_line_reports_a_bad_source_in_one_line(tmp_path, capsys):
 @pytest.mark.e2e
 def test_real_pokemon_sprites_prepare_with_no_species_shared():
     manifest = prepare(log=print)
-    species = {s: set(manifest["splits"][s]["species"]) for s in data.SPLITS}
+    species = {s: set(manifest["splits"][s]["species"]) for s in SPLITS}
     assert not (species["train"] & species["val"] or species["train"] & species["test"] or species["val"] & species["test"])
     assert sum(map(len, species.values())) == 905
     assert manifest["sprite_species"]["mr-mime-galar_regular"] == manifest["sprite_species"]["mr-mime_shiny"] == "122"
     train = manifest["splits"]["train"]
     assert train["images"] == 24 * train["sprites"] and 0.75 < len(species["train"]) / 905 < 0.85
-    assert manifest["source"]["integrity"] == data.POKESPRITE_INTEGRITY
+    assert manifest["source"]["integrity"] == POKESPRITE_INTEGRITY

@@ -22,14 +22,15 @@ import train_vqvae
 from models import build_model
 from models.batchnorm import convert_sync_batchnorm
 from tests.helpers import ROOT, TINY, train, train_command
-from utils import data
 from utils import data_parallel as data_parallel_module
 from utils.config import parse_config
+from utils.data.load import load_split
 from models.collectives import all_gather_rows
 from utils.data_parallel import agreed, batch_shares, data_parallel
 from utils.errors import UserError
 from utils.metrics import image_metrics
-from utils.train import accelerated, run_epoch, seed_everything
+from utils.training.fast_path import accelerated
+from utils.training.loop import run_epoch, seed_everything
 
 BATCH = 8  # per process; one process takes 2 * BATCH
 TRAIN_IMAGES = 43  # global batches of 16, 16 and 11, whose last splits unevenly, 5 and 6
@@ -68,8 +69,8 @@ def trained_and_evaluated(name, data_dir, batch_size):
     """One training epoch, then the test set: rank 0's state and what every rank computed."""
     model_type = CASES[name][0]
     config = case_config(name, batch_size)
-    train_set = data.load_split(data_dir, "train").subset(TRAIN_IMAGES)
-    test_set = data.load_split(data_dir, "test").subset(TEST_IMAGES)
+    train_set = load_split(data_dir, "train").subset(TRAIN_IMAGES)
+    test_set = load_split(data_dir, "test").subset(TEST_IMAGES)
     seed_everything(config["seed"])
     model = build_model(model_type, config).to(memory_format=torch.channels_last)
     # Plain SGD: Adam's first step is lr * g / |g|, which turns a gradient that is zero up to rounding
@@ -231,7 +232,7 @@ def test_two_processes_of_batch_b_train_and_evaluate_as_one_process_of_batch_2b(
         # A latent within rounding of two codes may take the other one.
         assert np.abs(two["codes"] - one["codes"]).sum() <= 0.01 * one["codes"].sum()
     assert two_ranks[1][name]["reconstructions"] is None  # rank 0 alone holds them
-    test_set = data.load_split(tiny_data, "test").subset(TEST_IMAGES)
+    test_set = load_split(tiny_data, "test").subset(TEST_IMAGES)
     metrics_two = image_metrics(test_set.images, two["reconstructions"], test_set.masks)
     metrics_one = image_metrics(test_set.images, one["reconstructions"], test_set.masks)
     assert metrics_two == pytest.approx(metrics_one, rel=1e-3)

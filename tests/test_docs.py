@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from utils.config import parse_config
-from utils.reproduce import script_defaults
-from utils.results import (README_BEGIN, README_END, SAME, TOKENIZER_GOALS, compare, goal_verdict, headline_block,
-                           write_results)
+from utils.reproduce.results import (README_BEGIN, README_END, SAME, TOKENIZER_GOALS, compare, goal_verdict,
+                                     headline_block, write_results)
+from utils.reproduce.run import script_defaults
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

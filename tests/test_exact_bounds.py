@@ -7,7 +7,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import exact_bounds  # noqa: E402
-from utils.data import SpriteSet  # noqa: E402
+from utils.data.load import SpriteSet  # noqa: E402
 
 
 def test_each_code_keeps_only_its_commonest_colour_of_each_image():

@@ -14,8 +14,9 @@ from models.fast import FastPathUnavailable, mirrors
 from models.fast.models import FastVQVAE
 from tests.helpers import TINY, palette_batch
 from utils.config import parse_config
-from utils.data import SpriteSet
-from utils.train import accelerated, make_optimizer, run_epoch, seed_everything
+from utils.data.load import SpriteSet
+from utils.training.fast_path import accelerated
+from utils.training.loop import make_optimizer, run_epoch, seed_everything
 
 CPU = torch.device("cpu")
 IMAGES = 16  # two training steps of the loop at batch 8

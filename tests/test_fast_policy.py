@@ -8,7 +8,7 @@ from models import VAE, VQVAE
 from models.fast import accelerate
 from models.fast.batchnorm import runs_fused_with_relu
 from tests.helpers import bn_relu_stack, counting_fused_calls, kernel_vqvae, needs_compiler, palette_batch, seeded_run
-from utils.train import uses_fast_path
+from utils.training.fast_path import uses_fast_path
 
 CPU = torch.device("cpu")
 

@@ -18,8 +18,12 @@ from PIL import Image
 
 from tests.helpers import ROOT, exit_status, files
 from tests.sprites import sprite_rgba, write_species_folders
-from utils import data, fuse, metrics, reconstruct
-from utils.data import PrepareOptions, prepare
+from utils import fuse, metrics, reconstruct
+from utils.data import prepare as preparing
+from utils.data.__main__ import main as data_main
+from utils.data.load import resolve_dataset
+from utils.data.prepare import PrepareOptions, load_manifest, prepare
+from utils.data.sprites import MAX_FILE_BYTES, MAX_IMAGE_PIXELS, SkipImage, decode_rgba
 from utils.errors import UserError
 from utils.fid import main as fid_main
 
@@ -65,7 +69,7 @@ def test_prepare_refuses_an_existing_folder_that_is_not_a_prepared_set(tmp_path,
     (out / "precious.txt").write_text("years")
     (out / "sub/thesis.tex").write_text("of work")
     before = files(out)
-    assert exit_status(data.main, ["prepare", "--source", str(source), "--out", str(out)]) == 2
+    assert exit_status(data_main, ["prepare", "--source", str(source), "--out", str(out)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: {out} exists and is not a data set this project prepared (it holds no manifest.json); "
         "it is left alone: choose another --out"]
@@ -73,17 +77,17 @@ def test_prepare_refuses_an_existing_folder_that_is_not_a_prepared_set(tmp_path,
 
 
 def test_a_users_folder_named_like_the_default_does_not_replace_the_default_set(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DATA", tmp_path / "data")
+    monkeypatch.setattr(preparing, "DATA", tmp_path / "data")
     (tmp_path / "data/pokemon").mkdir(parents=True)
     (tmp_path / "data/pokemon/manifest.json").write_text('{"the": "real set"}')
     made = {}
     for owner in ("alice", "bob"):
         write_species_folders(tmp_path / owner / "pokemon", species=10, per_species=1, seed=len(owner))
-        made[owner] = data.resolve_dataset(str(tmp_path / owner / "pokemon"), 16, log=lambda _: None)
+        made[owner] = resolve_dataset(str(tmp_path / owner / "pokemon"), 16, log=lambda _: None)
     assert (tmp_path / "data/pokemon/manifest.json").read_text() == '{"the": "real set"}'
     assert made["alice"] != made["bob"] and made["alice"].parent == made["bob"].parent == tmp_path / "data"
     for owner, folder in made.items():
-        manifest = data.load_manifest(folder)
+        manifest = load_manifest(folder)
         assert manifest["source"]["path"] == str((tmp_path / owner / "pokemon").resolve())
 
 
@@ -92,14 +96,14 @@ def test_a_users_folder_named_like_the_default_does_not_replace_the_default_set(
 KILLED_PREPARE = """
 import os, sys, time
 sys.path.insert(0, sys.argv[1])
-from utils import data
+from utils.data import prepare as preparing
 
 def render_slowly(job):
     open(os.path.join(sys.argv[4], str(os.getpid())), "w").close()
     time.sleep(120)
 
-data._render_sprite = render_slowly
-data.prepare(sys.argv[2], sys.argv[3], data.PrepareOptions(image_size=24), workers=2)
+preparing._render_sprite = render_slowly
+preparing.prepare(sys.argv[2], sys.argv[3], preparing.PrepareOptions(image_size=24), workers=2)
 """
 
 
@@ -145,7 +149,7 @@ def test_a_huge_zip_member_is_skipped_reading_no_more_than_the_limit(tmp_path, s
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as z:
         for path in sorted(source.rglob("*.png")):
             z.write(path, str(path.relative_to(source)))
-        z.writestr("sp00/huge.png", b"\0" * (data.MAX_FILE_BYTES + 1))
+        z.writestr("sp00/huge.png", b"\0" * (MAX_FILE_BYTES + 1))
     reads = []
     real_open = zipfile.ZipFile.open
 
@@ -157,13 +161,13 @@ def test_a_huge_zip_member_is_skipped_reading_no_more_than_the_limit(tmp_path, s
     monkeypatch.setattr(zipfile.ZipFile, "open", counting_open)
     manifest = prepare(archive, tmp_path / "out", SMALL, log=lambda _: None, workers=1)
     assert skipped(manifest)["sp00/huge.png"] == "larger than 8 MiB, more than any sprite needs"
-    assert all(0 <= n <= data.MAX_FILE_BYTES + 1 for n in reads)
+    assert all(0 <= n <= MAX_FILE_BYTES + 1 for n in reads)
     assert manifest["sprites"] == 20
 
 
 def test_a_huge_file_in_a_folder_is_skipped_unread(tmp_path, source):
     with open(source / "sp00/huge.png", "wb") as f:
-        f.truncate(data.MAX_FILE_BYTES + 1)
+        f.truncate(MAX_FILE_BYTES + 1)
     manifest = prepare(source, tmp_path / "out", SMALL, log=lambda _: None, workers=1)
     assert skipped(manifest)["sp00/huge.png"] == "larger than 8 MiB, more than any sprite needs"
 
@@ -173,7 +177,7 @@ def test_an_image_declaring_too_many_pixels_is_skipped_before_decoding(tmp_path,
     (source / "sp00/bomb.png").write_bytes(png_declaring(width, height))
     manifest = prepare(source, tmp_path / "out", SMALL, log=lambda _: None, workers=1)
     reason = skipped(manifest)["sp00/bomb.png"]
-    assert reason.startswith(f"too many pixels for a sprite (the limit is {data.MAX_IMAGE_PIXELS}): ")
+    assert reason.startswith(f"too many pixels for a sprite (the limit is {MAX_IMAGE_PIXELS}): ")
     # Pillow's own, larger limit stops 20000x20000 as it opens the file, before naming the size.
     assert reason.endswith("3000x3000" if width == 3000 else "exceeds limit of 178956970 pixels, could be "
                            "decompression bomb DOS attack.")
@@ -232,8 +236,8 @@ def test_an_image_mode_without_8_bit_colours_is_refused_by_name(mode, name):
     values = np.full((16, 16), 0.5 if mode == "F" else 70000, np.float32 if mode == "F" else np.int32)
     buffer = io.BytesIO()
     Image.fromarray(values, mode).save(buffer, "TIFF")
-    with pytest.raises(data.SkipImage, match=f"^unsupported image mode {mode} \\({name}\\)"):
-        data.decode_rgba(buffer.getvalue())
+    with pytest.raises(SkipImage, match=f"^unsupported image mode {mode} \\({name}\\)"):
+        decode_rgba(buffer.getvalue())
 
 
 # ---------------------------------------------------------------- the same guards in every tool

@@ -11,12 +11,15 @@ import torch
 
 from tests.helpers import exit_status, files
 from tests.sprites import write_species_folders
-from utils import data, reconstruct
+from utils import reconstruct
+from utils.data.__main__ import main as data_main
+from utils.data.prepare import PrepareOptions, prepare, source_fingerprint
 from utils.errors import UserError
-from utils.train import experiment_lock, load_training_checkpoint, prepare_output_dir, record_resume_changes
+from utils.training.checkpoints import load_training_checkpoint, record_resume_changes
+from utils.training.experiment import experiment_lock, prepare_output_dir
 
 QUIET = dict(log=lambda _: None, workers=1)
-OPTIONS = data.PrepareOptions(image_size=16, rotations=())
+OPTIONS = PrepareOptions(image_size=16, rotations=())
 
 
 def one_error_line(capsys):
@@ -41,7 +44,7 @@ def lone_manifest(folder):
 
 
 def a_prepared_set_with_a_users_file(folder):
-    data.prepare(folder.parent / "src", folder, OPTIONS, **QUIET)
+    prepare(folder.parent / "src", folder, OPTIONS, **QUIET)
     (folder / "notes.txt").write_text("mine")
 
 
@@ -61,7 +64,7 @@ def test_prepare_even_forced_replaces_only_a_folder_it_made(tmp_path, capsys, ca
     make(out)
     before = files(out)
     argv = ["prepare", "--source", str(tmp_path / "src"), "--out", str(out), "--image-size", "16"]
-    assert exit_status(data.main, argv + (["--force"] if force else [])) == 2
+    assert exit_status(data_main, argv + (["--force"] if force else [])) == 2
     assert one_error_line(capsys) == (f"error: {out} exists and is not a data set this project prepared ({reason}); "
                                       "it is left alone: choose another --out")
     assert files(out) == before
@@ -84,32 +87,32 @@ def edit_sprite(src):
 def test_a_prepared_set_whose_source_changed_is_not_reused_silently(tmp_path, change):
     src, out = tmp_path / "src", tmp_path / "out"
     write_species_folders(src, species=10)
-    data.prepare(src, out, OPTIONS, **QUIET)
+    prepare(src, out, OPTIONS, **QUIET)
     before = files(out)
     change(src)
     with pytest.raises(UserError) as refused:
-        data.prepare(src, out, OPTIONS, **QUIET)
+        prepare(src, out, OPTIONS, **QUIET)
     assert str(refused.value) == (f"{src} changed since {out} was prepared from it (sprites added, removed or edited); "
                                   f"prepare it again with `python -m utils.data prepare --source {src} --force`")
     assert files(out) == before
-    assert data.prepare(src, out, OPTIONS, force=True, **QUIET)["source"]["fingerprint"] == data.source_fingerprint(src)
+    assert prepare(src, out, OPTIONS, force=True, **QUIET)["source"]["fingerprint"] == source_fingerprint(src)
 
 
 def test_a_manifest_from_before_the_fingerprint_is_reused_silently(tmp_path):
     src, out = tmp_path / "src", tmp_path / "out"
     write_species_folders(src, species=10)
-    manifest = data.prepare(src, out, OPTIONS, **QUIET)
+    manifest = prepare(src, out, OPTIONS, **QUIET)
     del manifest["source"]["fingerprint"]
     (out / "manifest.json").write_text(json.dumps(manifest))
     add_sprite(src)
-    assert data.prepare(src, out, OPTIONS, **QUIET) == manifest
+    assert prepare(src, out, OPTIONS, **QUIET) == manifest
 
 
 @pytest.mark.parametrize("species", [1, 5])
 def test_too_few_species_for_the_splits_is_refused_saying_how_many_are_needed(tmp_path, capsys, species):
     write_species_folders(tmp_path / "src", species=species, per_species=1)
     out = tmp_path / "out"
-    assert exit_status(data.main, ["prepare", "--source", str(tmp_path / "src"), "--out", str(out)]) == 2
+    assert exit_status(data_main, ["prepare", "--source", str(tmp_path / "src"), "--out", str(out)]) == 2
     assert one_error_line(capsys) == (
         f"error: only {species} species: too few to split into train, val and test (with val fraction 0.1 and "
         "test fraction 0.1 a split of at least one species each needs 6 species; a species is a sprite's first folder)")

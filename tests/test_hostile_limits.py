@@ -16,12 +16,13 @@ from PIL import Image
 from models import build_model
 from tests.helpers import ROOT, files, refusal, train
 from tests.sprites import write_species_folders
-from utils import data, device as device_module
+from utils import device as device_module
 from utils.config import LARGEST_SEED, parse_config
+from utils.data.prepare import PrepareOptions, prepare
 from utils.device import refuse_beyond_memory
 from utils.errors import EXIT_INTERRUPTED, UserError
 from utils.io import make_folder
-from utils.prior import code_grids
+from utils.training.prior import code_grids
 
 PYTHON = sys.executable
 
@@ -101,7 +102,7 @@ def test_preparing_at_a_size_beyond_memory_is_refused(tmp_path):
     source = tmp_path / "sprites"
     write_species_folders(source, 12, per_species=1)
     with pytest.raises(UserError, match=r"preparing 12 sprites at 100000x100000 needs at least .* GiB"):
-        data.prepare(source, tmp_path / "out", data.PrepareOptions(image_size=100000, rotations=()), log=lambda _: None)
+        prepare(source, tmp_path / "out", PrepareOptions(image_size=100000, rotations=()), log=lambda _: None)
     assert not (tmp_path / "out").exists()
 
 
@@ -178,7 +179,7 @@ def test_ctrl_c_in_prepare_is_one_true_line_and_leaves_the_old_set(tmp_path):
     source = tmp_path / "sprites"
     write_species_folders(source, 40)
     out = tmp_path / "out"
-    data.prepare(source, out, data.PrepareOptions(image_size=16, rotations=()), log=lambda _: None)
+    prepare(source, out, PrepareOptions(image_size=16, rotations=()), log=lambda _: None)
     kept = files(out)
     manifest = (out / "manifest.json").read_bytes()
     # Many rotations: the second prepare is still rendering when the first PNG is in its staging folder.

@@ -6,12 +6,12 @@ import os
 import pytest
 
 from tests.sprites import write_species_folders
-from utils import data
 from utils.config import parse_config
+from utils.data.prepare import PrepareOptions, prepare
 from utils.errors import UserError, printable
 
 DEFAULTS = {"epochs": 1, "learning_rate": 1e-3}
-OPTIONS = data.PrepareOptions(image_size=16, rotations=())
+OPTIONS = PrepareOptions(image_size=16, rotations=())
 
 
 def a_folder(path):
@@ -51,7 +51,7 @@ def test_prepare_skips_a_fifo_and_an_overlong_name_and_keeps_a_non_utf8_one(tmp_
     odd = os.fsencode(species[2]) + b"/caf\xe9.png"
     os.rename(os.fsencode(species[2] / os.listdir(species[2])[0]), odd)
     lines = []
-    manifest = data.prepare(src, tmp_path / "out", OPTIONS, log=lines.append, workers=1)
+    manifest = prepare(src, tmp_path / "out", OPTIONS, log=lines.append, workers=1)
     reasons = {entry["file"]: entry["reason"] for entry in manifest["skipped"]}
     assert reasons[f"{species[0].name}/waiting.png"] == "not a regular file (a FIFO)"
     assert "a name too long" in reasons[f"{species[1].name}/{long_name.name}"]

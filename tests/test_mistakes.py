@@ -7,8 +7,8 @@ import runpy
 import pytest
 
 from tests.helpers import ROOT, TINY
-from utils.prior import run_prior
-from utils.train import run_experiment
+from utils.training.prior import run_prior
+from utils.training.loop import run_experiment
 
 PRIOR_SCRIPTS = {"train_pixelcnn.py": "pixelcnn", "train_gpt.py": "gpt"}
 SCRIPTS = {"train_vae.py": "vae", "train_vqvae.py": "vqvae", "train_pixel_vqvae.py": "vqvae",

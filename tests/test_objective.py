@@ -8,7 +8,7 @@ from models import VQVAE
 from tests.helpers import TINY
 from utils.config import parse_config
 from utils.plots import plot_losses
-from utils.train import train
+from utils.training.loop import train
 
 ORIGINAL_LOSS_TERMS = VQVAE.loss_terms
 

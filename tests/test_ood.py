@@ -10,8 +10,10 @@ import pytest
 from PIL import Image
 
 from tests.sprites import write_species_folders
-from utils import data, ood
-from utils.data import PrepareOptions, load_split, prepare
+from utils.data import ood
+from utils.data.__main__ import OOD_SETS, main as data_main
+from utils.data.load import load_split
+from utils.data.prepare import SPLITS, PrepareOptions, prepare, source_fingerprint
 from utils.errors import UserError
 
 TILE = 4  # the fake package's tile sizes are scaled down to this and twice this
@@ -126,7 +128,7 @@ def test_test_only_puts_every_sprite_in_test_on_white_and_black_unaugmented(tmp_
     made = write_species_folders(tmp_path / "src", species=3, per_species=2)
     options = PrepareOptions(image_size=24, flip=False, rotations=(), test_only=True)
     manifest = prepare(tmp_path / "src", tmp_path / "out", options, log=lambda _: None, workers=1)
-    assert [manifest["splits"][s]["sprites"] for s in data.SPLITS] == [0, 0, 6]
+    assert [manifest["splits"][s]["sprites"] for s in SPLITS] == [0, 0, 6]
     assert manifest["splits"]["test"]["species"] == ["sp00", "sp01", "sp02"]
     test = load_split(tmp_path / "out", "test")
     assert len(test) == 12 and sorted({n.split("__", 1)[1] for n in test.names}) == ["black__orig.png", "white__orig.png"]
@@ -142,7 +144,7 @@ def test_test_only_puts_every_sprite_in_test_on_white_and_black_unaugmented(tmp_
 def test_the_test_only_flag_turns_augmentation_off_unless_rotations_are_asked_for(tmp_path, flags, rotations, capsys):
     write_species_folders(tmp_path / "src", species=2, per_species=1)
     out = tmp_path / "out"
-    assert data.main(["prepare", "--source", str(tmp_path / "src"), "--out", str(out), "--image-size", "24",
+    assert data_main(["prepare", "--source", str(tmp_path / "src"), "--out", str(out), "--image-size", "24",
                       "--test-only", *flags]) == 0
     params = json.loads((out / "manifest.json").read_text())["parameters"]
     assert (params["test_only"], params["flip"], params["rotations"]) == (True, False, rotations)
@@ -150,14 +152,14 @@ def test_the_test_only_flag_turns_augmentation_off_unless_rotations_are_asked_fo
 
 
 def test_prepare_set_fetches_the_pinned_package_and_records_it(tmp_path, pinned, monkeypatch, capsys):
-    monkeypatch.setitem(data.OOD_SETS, "angband",
+    monkeypatch.setitem(OOD_SETS, "angband",
                         lambda: ood.fetch_angband(tmp_path / "original" / "angband", download=fake_deb))
     out = tmp_path / "prepared"
-    assert data.main(["prepare", "--set", "angband", "--out", str(out), "--image-size", "16"]) == 0
+    assert data_main(["prepare", "--set", "angband", "--out", str(out), "--image-size", "16"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     tiles = tmp_path / "original/angband/tiles"
     assert manifest["source"] == {"path": str(tiles.resolve()), "package": "angband-data", "version": "1:3.5.1-2.5",
-                                  "sha256": ood.ANGBAND_SHA256, "fingerprint": data.source_fingerprint(tiles)}
+                                  "sha256": ood.ANGBAND_SHA256, "fingerprint": source_fingerprint(tiles)}
     # Six tiles, the red square the same at both sizes once cropped: five sprites, ten images.
     assert manifest["sprites"] == 5 and manifest["splits"]["test"]["images"] == 10
     assert manifest["skipped"] == [{"file": "gervais32__r00c000.png", "reason": "duplicate of bolt16__r00c000.png"}]
@@ -166,7 +168,7 @@ def test_prepare_set_fetches_the_pinned_package_and_records_it(tmp_path, pinned,
 
 def test_set_and_source_together_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        data.main(["prepare", "--set", "angband", "--source", str(tmp_path)])
+        data_main(["prepare", "--set", "angband", "--source", str(tmp_path)])
     assert "--set and --source" in capsys.readouterr().err
 
 

@@ -11,11 +11,11 @@ from models.fast import FastPathUnavailable, accelerate
 from models import palette
 from models.palette import palette_ranks, palette_union, sprite_palettes
 from tests.helpers import palette_batch, train
-from utils.data import SpriteSet
+from utils.data.load import SpriteSet
 from utils.errors import UserError
 from utils.metrics import BITS_PER_COLOUR, bits_per_sprite, colours_per_image
-from utils.prior import decode_grids, nearest_grids
-from utils.train import palette_training_set
+from utils.training.prior import decode_grids, nearest_grids
+from utils.training.loop import palette_training_set
 
 TINY_PALETTE = dict(num_layers=1, num_embeddings=16, embedding_dim=8, palette_output=True, palette_features=8)
 

@@ -13,10 +13,10 @@ from PIL import Image
 
 from models import GatedPixelCNN, build_model
 from tests.helpers import ROOT
-from utils.data import load_split
-from utils import prior as prior_module
-from utils.prior import encode_split, nearest_images, paired_rows, run_prior_epoch, sample_fid
-from utils.train import load_model, save_model
+from utils.data.load import load_split
+from utils.training import prior as prior_module
+from utils.training.prior import encode_split, nearest_images, paired_rows, run_prior_epoch, sample_fid
+from utils.training.checkpoints import load_model, save_model
 
 TINY_PRIOR = ["--hidden_channels=8", "--num_layers=2", "--kernel_size=3", "--batch_size=8", "--epochs=2",
               "--learning_rate=0.003", "--num_samples=4", "--fid_dims=64", "--device=cpu"]

@@ -17,7 +17,8 @@ from tests.test_prior import train_prior
 from utils.fusions import swap
 from utils.metrics import bits_per_sprite, codebook_stats
 from utils.report import _row, load_experiments
-from utils.train import histogram_bins, load_model
+from utils.training.checkpoints import load_model
+from utils.training.loop import histogram_bins
 
 QUANTIZER_KEYS = {"residual": dict(quantizer="residual", residual_depth=3),
                   "fsq": dict(quantizer="fsq", fsq_levels="4,4")}  # 16 codes, as num_embeddings

@@ -14,7 +14,7 @@ import torch
 
 from tests.helpers import ROOT, files, refusal, train, train_command
 from tests.sprites import write_species_folders
-from utils.data import prepared_folder
+from utils.data.load import prepared_folder
 
 SCRIPT = "train_vae.py"
 STEPS_PER_EPOCH = 6

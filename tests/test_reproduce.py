@@ -10,13 +10,14 @@ import torch
 
 from tests.helpers import ROOT, files, refusal
 from tests.sprites import write_species_folders
-from utils import plan as planned
-from utils.data import PrepareOptions, load_split, prepare
+from utils.data.load import load_split
+from utils.data.prepare import PrepareOptions, prepare
 from utils.device import describe_machine
 from utils.io import write_json
 from utils.metrics import bits_per_sprite
-from utils.reproduce import main, script_defaults
-from utils.results import AUTOENCODER_HEADER, OOD_FILE, RUN_FILE, SHOWN_DIR, TEST_SPRITES
+from utils.reproduce import plan as planned
+from utils.reproduce.results import AUTOENCODER_HEADER, OOD_FILE, RUN_FILE, SHOWN_DIR, TEST_SPRITES
+from utils.reproduce.run import main, script_defaults
 
 FID_DIMS = 64  # the random-weights network's smallest features: a real FID, cheap on tiny images
 

@@ -1,7 +1,7 @@
 """Specifications of the learning-rate schedule."""
 import pytest
 
-from utils.schedule import FINAL_LR_FRACTION, learning_rate_at
+from utils.training.schedule import FINAL_LR_FRACTION, learning_rate_at
 
 
 def test_warm_up_rises_linearly_to_the_peak():

@@ -11,8 +11,9 @@ from models import GPTPrior
 from tests.helpers import exit_status
 from tests.sprites import sprite_rgba, write_species_folders
 from utils import fuse, metrics, reconstruct
-from utils.data import PrepareOptions, load_split, prepare
-from utils.train import save_model
+from utils.data.load import load_split
+from utils.data.prepare import PrepareOptions, prepare
+from utils.training.checkpoints import save_model
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from models.quantizer import DEAD_CODE_SAMPLING
 from models.vqvae import ARCHITECTURES, QUANTIZERS
 from utils.errors import UserError
 from utils.io import write_json
-from utils.schedule import LR_SCHEDULES
+from utils.training.schedule import LR_SCHEDULES
 
 _TRUE_WORDS = {"true", "1", "yes"}
 _FALSE_WORDS = {"false", "0", "no"}

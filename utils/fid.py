@@ -27,7 +27,7 @@ from torch.nn.functional import adaptive_avg_pool2d, interpolate
 from tqdm import tqdm
 
 from utils.device import choose_device
-from utils.data import regular_files
+from utils.data.sprites import regular_files
 from utils.errors import UserError, exit_on_user_error, warn
 from utils.fid_weights import (CLASSIFIER_KEYS, FidWeights, fid_inception_network, official_weights_path,
                                resolve_fid_weights, weights_record)

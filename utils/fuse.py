@@ -19,14 +19,14 @@ import torch
 
 from models import PRIORS
 
-from utils import data
+from utils.data.sprites import BACKGROUND_COLOURS, SkipImage, sprite_image
 from utils.device import choose_device
 from utils.errors import UserError, exit_on_user_error
 from utils.fusions import PRIOR_METHODS, palette_swap, prior_fusion, write_pair
 from utils.images import from_batch, to_batch
 from utils.plots import image_grid, save_png
 from utils.reconstruct import experiment_dir
-from utils.train import load_model
+from utils.training.checkpoints import load_model
 
 
 def prepared(path, size, background):
@@ -34,8 +34,8 @@ def prepared(path, size, background):
     if not path.is_file():
         raise UserError(f"{path} is not a file")
     try:
-        return data.sprite_image(path, size, background)[0]
-    except data.SkipImage as why:
+        return sprite_image(path, size, background)[0]
+    except SkipImage as why:
         raise UserError(f"{path} cannot be used: {why}") from None
 
 
@@ -53,7 +53,7 @@ def fusion_prior(args, model_type, device):
                         f"{experiment_dir(args.experiment).name!r}")
     label = None
     if prior_config.get("num_classes"):
-        label = torch.full((1,), list(data.BACKGROUND_COLOURS).index(args.background), device=device)
+        label = torch.full((1,), list(BACKGROUND_COLOURS).index(args.background), device=device)
     return prior, label
 
 
@@ -84,7 +84,7 @@ def main(argv=None):
     parser.add_argument("sprite_a")
     parser.add_argument("sprite_b")
     parser.add_argument("out_dir")
-    parser.add_argument("--background", choices=sorted(data.BACKGROUND_COLOURS), default="white")
+    parser.add_argument("--background", choices=sorted(BACKGROUND_COLOURS), default="white")
     parser.add_argument("--steps", type=int, default=8, help="images in the interpolation strip")
     parser.add_argument("--method", action="append", choices=[*PRIOR_METHODS, "palette-swap"], default=[],
                         help="a fusion beyond blend, swap and interpolation; repeat for more")

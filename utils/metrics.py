@@ -15,7 +15,7 @@ from skimage.metrics import structural_similarity
 
 from models import described_model
 from models.palette import BITS_PER_COLOUR
-from utils.data import SkipImage, read_image_file, regular_files
+from utils.data.sprites import SkipImage, read_image_file, regular_files
 from utils.errors import UserError, exit_on_user_error, warn
 from utils.io import write_json
 

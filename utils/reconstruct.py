@@ -19,14 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils import data
+from utils.data.load import load_split
+from utils.data.prepare import load_manifest
+from utils.data.sprites import BACKGROUND_COLOURS, SkipImage, regular_files, sprite_image
 from utils.device import choose_device
 from utils.errors import UserError, exit_on_user_error, printable
 from utils.images import from_batch, to_batch
 from utils.io import write_json
 from utils.metrics import image_metrics
 from utils.plots import save_png
-from utils.train import EXPERIMENT_MARK, ROOT, load_model
+from utils.training.checkpoints import load_model
+from utils.training.experiment import EXPERIMENT_MARK, ROOT
 
 BATCH = 256
 
@@ -45,10 +48,10 @@ def read_sprites(folder, size, background, log=print):
         raise UserError(f"{folder} is not a folder of sprites")
     images, masks, written_from = [], [], {}
     entries = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and not p.is_dir())
-    for path in data.regular_files(entries, lambda line: log(printable(line))):
+    for path in regular_files(entries, lambda line: log(printable(line))):
         try:
-            image, mask = data.sprite_image(path, size, background)
-        except data.SkipImage as why:
+            image, mask = sprite_image(path, size, background)
+        except SkipImage as why:
             log(printable(f"skipped {path.name}: {why}"))
             continue
         name = path.stem + ".png"
@@ -65,11 +68,11 @@ def read_sprites(folder, size, background, log=print):
 
 def read_prepared_test_split(folder, size):
     """(names, images, masks) of a prepared set's test split, refused at another image size."""
-    prepared_size = data.load_manifest(folder)["parameters"]["image_size"]
+    prepared_size = load_manifest(folder)["parameters"]["image_size"]
     if prepared_size != size:
         raise UserError(f"{folder} was prepared at {prepared_size}x{prepared_size}, but the model takes "
                         f"{size}x{size}; prepare it again with --image-size {size}")
-    test = data.load_split(folder, "test")
+    test = load_split(folder, "test")
     return test.names, test.images, test.masks
 
 
@@ -113,7 +116,7 @@ def main(argv=None):
     parser.add_argument("experiment")
     parser.add_argument("in_dir", help="a folder of sprites, or a prepared set (its test split)")
     parser.add_argument("out_dir")
-    parser.add_argument("--background", choices=sorted(data.BACKGROUND_COLOURS), default="white",
+    parser.add_argument("--background", choices=sorted(BACKGROUND_COLOURS), default="white",
                         help="for a folder of sprites; a prepared set keeps its own backgrounds")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)

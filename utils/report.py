@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import numpy as np
 
-from utils.data import DATA, ROOT
+from utils.data.prepare import DATA, ROOT
 from utils.errors import UserError, exit_on_user_error
 from utils.fid import fid_statistics, frechet_distance, load_fid_inception, load_statistics, save_statistics
 from utils.fid_weights import resolve_fid_weights, sha1_of, weights_record

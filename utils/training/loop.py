@@ -3,53 +3,39 @@
 A script is its config block and `run_experiment(model_type, config, sys.argv[1:])`."""
 import collections
 import contextlib
-import pickle
 import random
-import shutil
 import sys
 import time
-import zipfile
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from models import PRIORS, build_model, described_model, model_defaults, model_keys, objective_keys
+from models import build_model, described_model
 from models.collectives import all_reduce_sum
-from models.fast import accelerate
 from models.fast.threads import cpu_has_bfloat16
-from utils import data
-from utils.config import parse_config, print_config, save_config
+from utils.config import parse_config, print_config
+from utils.data.load import SpriteSet, read_splits, resolve_dataset
+from utils.data.sprites import BACKGROUND_COLOURS, background_of
 from utils.data_parallel import (agreed, barrier, batch_shares, data_parallel, earliest_over_ranks,
                                  gathered_on_first_rank, is_first_rank, process_device, process_group,
                                  same_buffers_as_first_rank, summed_over_ranks, world_size)
 from utils.device import refuse_beyond_memory, training_bytes
-from utils.errors import UserError, exit_on_user_error, first_sentence
+from utils.errors import UserError, exit_on_user_error
 from utils.fusions import write_fusions
-from utils.io import atomic_path, exclusive_lock, make_folder, remove_temp_files, temp_target, write_json
 from utils.images import from_batch, to_batch
+from utils.io import write_json
 from utils.metrics import codebook_stats, colour_counts, image_metrics
-from utils.plots import image_grid, plot_codebook_usage, plot_losses, save_gif, save_png, upscale_nearest
-from utils.schedule import learning_rate_at
+from utils.plots import image_grid, plot_codebook_usage, save_gif, save_png, upscale_nearest
+from utils.training.checkpoints import resume_from, save_checkpoint
+from utils.training.experiment import (experiment_folder, experiment_lock, prepare_output_dir, start_output_dir,
+                                       summary_table, write_model_and_history, write_reconstructions)
+from utils.training.fast_path import accelerated, uses_fast_path
+from utils.training.schedule import learning_rate_at
 
-ROOT = Path(__file__).resolve().parent.parent
 SAMPLE_COUNT = 8  # validation sprites shown in samples.gif
 LOG_EVERY = 10  # steps between progress-bar updates; each one reads the loss back from the device
-# Left in a folder by start_output_dir: only a folder holding it is an experiment to resume or replace.
-EXPERIMENT_MARK = ".experiment"
 COUNT_CHUNK = 4096  # images whose colours are counted at once: a sort of all 48,000 takes GBs
-# What --resume=True may change: how long and where the run goes on, and its outputs; every other
-# key (batch_size, a loss weight, dataset, seed, ...) would make the later epochs another experiment
-# than the first ones, which config.json describes. A change is printed and kept in history.json.
-RESUME_MAY_CHANGE = ("epochs", "learning_rate", "device", "fast", "resume", "overwrite", "output_dir",
-                     "experiment_name", "num_fusions", "fusion_steps", "num_samples", "temperature", "fid_weights")
-# What a run writes at the top of its folder: only a half-written copy of one of these is its own.
-RUN_OUTPUTS = (EXPERIMENT_MARK, "config.json", "checkpoint.pt", "model.pt", "history.json", "metrics.json",
-               "losses.png", "samples.gif", "codebook_usage.png", "reconstruction_grid.png", "reconstructions",
-               "fusions", "samples", "sample_grid.png", "nearest_grid.png", "codes.npz")
-FINISHED = ("model.pt", "metrics.json")  # a run that wrote these ended
-CHECKPOINT_KEYS = ("model", "optimizer", "epoch", "history", "config", "model_type", "rng")
 
 
 # The keys every autoencoder script shares, with their defaults: where data and outputs are, and
@@ -62,7 +48,7 @@ TRAINING = dict(
     sync_batchnorm=True,  # under torchrun, BatchNorm statistics of the global batch, not each process's
     epochs=25,
     learning_rate=1e-4,
-    lr_schedule="constant",  # or 'cosine': decay to a tenth of learning_rate over the run (utils/schedule.py)
+    lr_schedule="constant",  # or 'cosine': decay to a tenth of learning_rate over the run (utils/training/schedule.py)
     warmup_steps=0,  # optimiser steps of linear warm-up to learning_rate
     grad_clip=0.0,  # > 0: clip the autoencoder's gradient norm to this
     plain_backgrounds_only=False,  # train on the white and black backgrounds alone, as the test split has
@@ -88,50 +74,11 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def rng_state():
-    """Every global RNG as plain types, so the checkpoint loads with weights_only=True."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.array(keys, np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def batches(sprites, batch_size, device, order):
     """Float image batches [B,3,H,W] in [0,1], cut from the packed uint8 array by indexing."""
     for start in range(0, len(order), batch_size):
         index = order[start:start + batch_size]
         yield to_batch(sprites.images[index], device), index
-
-
-FAST_SETTINGS = {"auto": None, "true": True, "false": False}
-# Where `fast="auto"` accelerates: the devices the fast path was measured faster on (bench/README.md).
-FAST_BY_DEFAULT = ("cpu",)
-
-
-def uses_fast_path(config, device):
-    """Whether config key `fast` ('auto', True or False) asks for models/fast on `device`."""
-    setting = str(config.get("fast", "auto")).lower()
-    if setting not in FAST_SETTINGS:
-        raise UserError(f"fast {config['fast']!r} is not one of auto, True, False")
-    wanted = FAST_SETTINGS[setting]
-    return torch.device(device).type in FAST_BY_DEFAULT if wanted is None else wanted
-
-
-def accelerated(model, config, device):
-    """`model`, or the module of models/fast that trains it faster where config key `fast` asks:
-    either way the same parameters and buffers."""
-    return accelerate(model, device) if uses_fast_path(config, device) else model
 
 
 def training_precision(config, device, training):
@@ -166,7 +113,7 @@ def make_discriminator_optimizer(model, config, device):
 
 
 def schedule_step(optimizers, config, step, total_steps):
-    """Set each optimiser's rate for global training `step` of `total_steps` (utils/schedule.py)."""
+    """Set each optimiser's rate for global training `step` of `total_steps` (utils/training/schedule.py)."""
     rate = learning_rate_at(step, total_steps, config["learning_rate"], config.get("lr_schedule", "constant"),
                             config.get("warmup_steps", 0))
     for optimizer in optimizers:
@@ -285,164 +232,6 @@ def vae_noise(size, config, device):
     return torch.randn(size, config["latent_dim"]).to(device)
 
 
-def architecture(config, model_type):
-    """The config keys a checkpoint must agree on to be loaded into this model; a key newer than
-    the checkpoint counts as its default. The objective's weights shape no tensor and are left to
-    `resume_changes`, which refuses them as it refuses every setting outside RESUME_MAY_CHANGE."""
-    defaults = model_defaults(model_type)
-    keys = [key for key in model_keys(model_type) if key not in objective_keys(model_type)]
-    return {key: config.get(key, defaults.get(key)) for key in keys + ["image_size"]}
-
-
-def load_checkpoint(path):
-    path = Path(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # torch's own message advises weights_only=False, which would run whatever the file holds.
-        raise UserError(f"checkpoint {path} cannot be loaded safely: it holds Python objects other than "
-                        "tensors and plain data, and is refused without running them") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        raise UserError(f"checkpoint {path} cannot be loaded safely: {first_sentence(err)}") from None
-
-
-def load_training_checkpoint(path, config, model_type):
-    """A checkpoint this run can continue from, or a UserError naming what does not fit."""
-    saved = load_checkpoint(path)
-    missing = [key for key in CHECKPOINT_KEYS if key not in saved] if isinstance(saved, dict) else CHECKPOINT_KEYS
-    if missing:
-        raise UserError(f"{path} is not a training checkpoint (it lacks {', '.join(missing)}); "
-                        "start without --resume")
-    if saved["model_type"] != model_type:
-        raise UserError(f"checkpoint {path} is of a {saved['model_type']!r} model, "
-                        f"but this script trains a {model_type!r}")
-    mine, theirs = architecture(config, model_type), architecture(saved["config"], model_type)
-    differ = {key: (theirs[key], mine[key]) for key in mine if mine[key] != theirs[key]}
-    if differ:
-        listed = ", ".join(f"{k} (checkpoint {a!r}, config {b!r})" for k, (a, b) in differ.items())
-        raise UserError(f"checkpoint {path} was made with a different architecture: {listed}")
-    broken = non_finite_tensors(saved["model"])
-    if broken:
-        raise UserError(f"checkpoint {path} holds non-finite weights ({', '.join(broken[:3])}); it is damaged, "
-                        "so resume is refused; start without --resume")
-    changed = resume_changes(saved["config"], config, model_type)
-    refused = [key for key in changed if key not in RESUME_MAY_CHANGE]
-    if refused:
-        listed = ", ".join(f"{k} (checkpoint {changed[k][0]!r}, config {changed[k][1]!r})" for k in refused)
-        raise UserError(f"checkpoint {path} was trained with other settings: {listed}; a resume may change only "
-                        + f"{', '.join(k for k in RESUME_MAY_CHANGE if k not in ('resume', 'overwrite'))}; "
-                        "start a new experiment for them")
-    return saved
-
-
-def non_finite_tensors(state):
-    """The names of the floating-point tensors of a state dict that hold a NaN or an infinity."""
-    return [name for name, value in (state.items() if isinstance(state, dict) else []) if isinstance(value, torch.Tensor)
-            and value.is_floating_point() and not torch.isfinite(value).all()]
-
-
-def resume_changes(saved, config, model_type):
-    """{key: (checkpoint's value, config's)} for every key the two configs hold and differ on,
-    the architecture aside (load_training_checkpoint names that apart). A key newer than the
-    checkpoint is no change."""
-    skip = set(architecture(config, model_type))
-    return {key: (saved[key], config[key]) for key in config
-            if key in saved and key not in skip and saved[key] != config[key]}
-
-
-def resume_from(path, model, optimizer, config, model_type):
-    """Load the checkpoint at `path` into model, optimiser and the global RNGs; returns it.
-
-    Every rank continues from rank 0's checkpoint, which only rank 0's machine need hold."""
-    saved = agreed(lambda: load_training_checkpoint(path, config, model_type), first_rank_only=True)
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    for group in optimizer.param_groups:
-        # The config's rate, not the checkpoint's, so that a diverged run can resume slower;
-        # history.json records each epoch's rate.
-        group["lr"] = config["learning_rate"]
-    for row in saved["history"]:  # a checkpoint from before the rate was recorded
-        row.setdefault("learning_rate", saved["config"]["learning_rate"])
-    if saved["history"] and saved["history"][-1]["learning_rate"] != config["learning_rate"]:
-        print(f"learning_rate is {config['learning_rate']} from epoch {saved['epoch'] + 2} on "
-              f"(it was {saved['history'][-1]['learning_rate']})")
-    set_rng_state(saved["rng"])
-    record_resume_changes(saved, config, model_type)
-    print(f"resumed {path} after epoch {saved['epoch'] + 1}")
-    return saved
-
-
-def record_resume_changes(saved, config, model_type):
-    """Print what this resume changes, and keep it in the last finished epoch's history row, so that
-    history.json still says which settings made each epoch once config.json holds the new ones."""
-    changed = {key: value for key, value in resume_changes(saved["config"], config, model_type).items()
-               if key not in ("resume", "overwrite", "learning_rate")}  # the rate is recorded per epoch
-    if not changed or not saved["history"]:
-        return
-    saved["history"][-1].setdefault("changed_after", {}).update({k: list(v) for k, v in changed.items()})
-    print(f"changed on resume after epoch {saved['epoch'] + 1}: "
-          + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()))
-
-
-def start_output_dir(out, config, resumed):
-    """Mark the folder as an experiment and save the config; --overwrite deletes the old
-    experiment only now, once the new run's config, data and model have been checked."""
-    if not resumed and config["overwrite"] and (out / EXPERIMENT_MARK).exists():
-        shutil.rmtree(out)
-    write_json(out / EXPERIMENT_MARK, {"made_by": "utils/train.py", "meaning": (
-        "this folder is an experiment: --resume=True continues it, --overwrite=True replaces it")})
-    save_config(config, out / "config.json")
-
-
-def prepare_output_dir(out, config):
-    """Refuse to mix two runs in one folder, and clear what a killed run left half-written.
-
-    Returns the checkpoint to resume from, or None to start at epoch 1. Nothing is deleted here
-    for --overwrite: that waits until the data and model are known to be good. Only a folder with
-    the mark that start_output_dir leaves counts as an experiment: anything else, a user's own
-    config.json included, is never written into or deleted."""
-    checkpoint = out / "checkpoint.pt"
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} is a file, not an experiment folder; choose another --experiment_name")
-    experiment = (out / EXPERIMENT_MARK).exists()
-    # Before its mark, a run has written at most a half-written mark; a user's own .tmp files are others.
-    others = sorted(p.name for p in out.iterdir() if temp_target(p) != EXPERIMENT_MARK) if out.is_dir() else []
-    if others and not experiment:
-        if "config.json" in others:
-            raise UserError(f"{out} holds a config.json but no {EXPERIMENT_MARK}, the mark of a folder this "
-                            "project's training made, so it is left alone; choose another --experiment_name or "
-                            f"--output_dir (an experiment made before the mark existed: create an empty "
-                            f"{EXPERIMENT_MARK} in it)")
-        raise UserError(f"{out} holds {len(others)} file(s) that are not an experiment's, such as {others[0]}; "
-                        "choose another --experiment_name or --output_dir")
-    if config["resume"] and not experiment:
-        raise UserError(f"nothing to resume in {out}: it holds no experiment; start without --resume")
-    if not config["resume"] and experiment and not config["overwrite"]:
-        raise UserError(f"{out} already holds an experiment; continue it with --resume=True, "
-                        "replace it with --overwrite=True, or choose another --experiment_name")
-    leftovers = remove_temp_files(out, lambda target: target.parts[0] in RUN_OUTPUTS)
-    if leftovers:
-        print(f"removed {len(leftovers)} half-written file(s) left by an interrupted run: "
-              + ", ".join(str(p.relative_to(out)) for p in leftovers))
-    if not config["resume"]:
-        return None
-    finished = [name for name in FINISHED if (out / name).exists()]
-    if not checkpoint.exists() and finished:
-        raise UserError(f"{out} holds a finished run ({', '.join(finished)}) but no checkpoint.pt to continue it "
-                        "from, so it is left as it is; train longer under another --experiment_name, or "
-                        "replace it with --overwrite=True")
-    if not checkpoint.exists():
-        print(f"{out} holds no complete checkpoint (the run stopped during its first epoch); starting at epoch 1")
-        return None
-    return checkpoint
-
-
-def experiment_lock(out):
-    """Held by a run for its whole length, beside its folder (which --overwrite deletes), so
-    that a second run on the same experiment is refused instead of mixing its files in."""
-    return exclusive_lock(out.parent / f".{out.name}.lock", f"experiment {out.name}")
-
-
 def pick_samples(sprites, seed, count=SAMPLE_COUNT):
     """A fixed, seeded choice of sprites on white with no augmentation, when there are enough."""
     plain = [i for i, name in enumerate(sprites.names) if name.endswith("__white__orig.png")]
@@ -460,95 +249,12 @@ def sample_frame(model, sprites, index, device):
     return image_grid(np.concatenate([sprites.images[index], out]), ncols=len(index))
 
 
-def save_checkpoint(path, model, optimizer, epoch, history, config, model_type, **extra):
-    """`extra` holds what one loop alone resumes from (the VQ scripts' sample frames)."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-             "history": history, "config": config, "model_type": model_type, "rng": rng_state(), **extra}
-    save_torch(path, state)
-
-
-def save_torch(path, state):
-    # Through a Python file, a full disk is an OSError naming its cause; torch's own writer
-    # reports it only as an "unexpected pos" RuntimeError.
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)
-
-
-def save_model(path, model, config, model_type):
-    save_torch(path, {"model": model.state_dict(), "config": config, "model_type": model_type})
-
-
-def write_model_and_history(out, model, config, model_type, history):
-    """model.pt, history.json and, once an epoch has run, losses.png."""
-    save_model(out / "model.pt", model, config, model_type)
-    write_json(out / "history.json", history)
-    if history:
-        plot_losses(history, out / "losses.png")
-
-
-def load_model(experiment, device, fast=None):
-    """(model in eval mode, model_type, config) from an experiment folder's model.pt; accelerated as
-    `fast` says (the config key), or, when None, as the experiment's config does."""
-    path = Path(experiment) / "model.pt"
-    if not path.exists():
-        raise UserError(f"{path} does not exist; train the experiment first, or name another folder")
-    saved = load_checkpoint(path)
-    try:
-        if not isinstance(saved, dict):
-            raise ValueError(f"it holds a {type(saved).__name__}, not the dict that training saves")
-        missing = [key for key in ("model", "config", "model_type") if key not in saved]
-        if missing:
-            raise ValueError(f"it lacks {', '.join(missing)}")
-        # The autoencoders' inputs are image_size pixels wide; a prior's are code grids.
-        if saved["model_type"] not in PRIORS and "image_size" not in saved["config"]:
-            raise ValueError("its config lacks image_size")
-        model = build_model(saved["model_type"], saved["config"])
-        model.load_state_dict(saved["model"])
-    except (KeyError, ValueError, RuntimeError, TypeError) as err:
-        raise UserError(f"{path} does not hold a model this code can rebuild: {str(err).splitlines()[0]}") from None
-    model = model.to(device, memory_format=torch.channels_last).eval()
-    setting = saved["config"] if fast is None else {"fast": fast}
-    if saved["model_type"] not in PRIORS:  # the priors have no fast path
-        model = accelerated(model, setting, device)
-    return model, saved["model_type"], saved["config"]
-
-
-def write_reconstructions(folder, names, images):
-    make_folder(folder)
-    for name, image in zip(names, images):
-        save_png(image, folder / name)
-
-
-def summary_table(metrics):
-    keys = ["mse", "ssim", "psnr", "exact_pixel_rate", "sprite_exact_pixel_rate", "palette_exact_pixel_rate",
-            "palette_colours", "bits_per_sprite", "input_colours",
-            "output_colours", "foreign_colour_rate", "codes_used", "perplexity",
-            "train_images_per_second"]
-    rows = [(k, metrics[k]) for k in keys if k in metrics]
-    return "\n".join(f"  {k:<24s} {v:.4f}" if isinstance(v, float) else f"  {k:<24s} {v}" for k, v in rows)
-
-
-def read_splits(data_dir, image_size):
-    """The train, validation and test sets of a prepared folder, checked against `image_size`."""
-    train_set, val_set, test_set = (data.load_split(data_dir, s) for s in data.SPLITS)
-    if train_set.images.shape[1] != image_size:
-        raise UserError(f"{data_dir} holds {train_set.images.shape[1]}-pixel images, "
-                        f"but image_size is {image_size}")
-    return train_set, val_set, test_set
-
-
-def load_splits(dataset, image_size):
-    """(prepared folder, train, val, test) for a script's `dataset` key, prepared when missing."""
-    data_dir = data.resolve_dataset(dataset, image_size)
-    return (data_dir, *read_splits(data_dir, image_size))
-
-
 def training_subset(train_set, max_images, seed):
     """A seeded choice of `max_images` training sprites (0: all), the same for every script."""
     if not 0 < max_images < len(train_set):
         return train_set
     keep = np.sort(np.random.default_rng(seed).choice(len(train_set), max_images, replace=False))
-    return data.SpriteSet(train_set.images[keep], train_set.masks[keep], [train_set.names[i] for i in keep])
+    return SpriteSet(train_set.images[keep], train_set.masks[keep], [train_set.names[i] for i in keep])
 
 
 def palette_training_set(train_set, config):
@@ -567,7 +273,7 @@ def palette_training_set(train_set, config):
     if len(keep) < len(train_set) and is_first_rank():
         print(f"palette_output: {len(train_set) - len(keep)} of {len(train_set)} training images have more than "
               f"{config['palette_max_colours']} colours (noise backgrounds) and are left out")
-    return data.SpriteSet(train_set.images[keep], train_set.masks[keep], [train_set.names[i] for i in keep])
+    return SpriteSet(train_set.images[keep], train_set.masks[keep], [train_set.names[i] for i in keep])
 
 
 def plain_background_set(train_set, config):
@@ -576,10 +282,10 @@ def plain_background_set(train_set, config):
     take the loss of half the training images."""
     if not config.get("plain_backgrounds_only"):
         return train_set
-    keep = [i for i, name in enumerate(train_set.names) if data.background_of(name) in data.BACKGROUND_COLOURS]
+    keep = [i for i, name in enumerate(train_set.names) if background_of(name) in BACKGROUND_COLOURS]
     if not keep:
         raise UserError("plain_backgrounds_only: no training image is on a plain background")
-    return data.SpriteSet(train_set.images[keep], train_set.masks[keep], [train_set.names[i] for i in keep])
+    return SpriteSet(train_set.images[keep], train_set.masks[keep], [train_set.names[i] for i in keep])
 
 
 def train(model_type, config, device):
@@ -614,7 +320,7 @@ def train_unlocked(model_type, config, device):
     out = experiment_folder(config)
     checkpoint_path = out / "checkpoint.pt"
     # Rank 0 alone checks the folder and prepares the data; the others read what it made.
-    resume_path, data_dir = agreed(lambda: (prepare_output_dir(out, config), data.resolve_dataset(
+    resume_path, data_dir = agreed(lambda: (prepare_output_dir(out, config), resolve_dataset(
         config["dataset"], config["image_size"])), first_rank_only=True)
     seed_everything(config["seed"])
     train_set, val_set, test_set = agreed(lambda: read_splits(data_dir, config["image_size"]))
@@ -697,10 +403,6 @@ def train_unlocked(model_type, config, device):
     print(f"test metrics ({len(test_set)} images), written to {out}:")
     print(summary_table(metrics))
     return metrics
-
-
-def experiment_folder(config):
-    return (ROOT / config["output_dir"] / config["experiment_name"]).resolve()
 
 
 def interrupted_message(config):

@@ -10,10 +10,10 @@ import numpy as np
 
 from models.palette import BITS_PER_COLOUR
 from utils.errors import UserError
-from utils.figures import ablation_figure, rate_figure, reconstruction_figure
+from utils.reproduce.figures import ablation_figure, rate_figure, reconstruction_figure
 from utils.io import atomic_path, write_json
 from utils.metrics import code_grid_size, draws_with_palette, load_rgb
-from utils.plan import is_prior
+from utils.reproduce.plan import is_prior
 from utils.report import reference_dir
 
 RUN_FILE = "reproduce.json"  # the plan's entry, the budget and the wall time

@@ -5,7 +5,7 @@
     python -m utils.reproduce --only=ablation --dry-run
     python -m utils.reproduce --tables-only          # rebuild docs/results/results.md from docs/results/
 
-Each experiment of `utils/plan.py` runs through its training script's command line, its output in
+Each experiment of `utils/reproduce/plan.py` runs through its training script's command line, its output in
 OUTPUTS/<experiment>/ and its log in OUTPUTS/.reproduce/<experiment>.log. A finished experiment
 (metrics.json, and a config.json equal to the plan's) is skipped, as is one published in RESULTS
 by another machine, unless a prior still to run needs its weights; an unfinished one is resumed; a
@@ -25,7 +25,6 @@ import sys
 import time
 from pathlib import Path
 
-from utils import plan as planned
 from utils.config import parse_config, seed_problem
 from utils.device import choose_device, describe_machine
 from utils.errors import UserError
@@ -33,9 +32,10 @@ from utils.fid_weights import resolve_fid_weights
 from utils.io import make_folder, write_json
 from utils.reconstruct import score_prepared_set
 from utils.report import DEFAULT_FID, load_experiments, update_fids
-from utils.results import OOD_FILE, RUN_FILE, publish, write_readme_block, write_results
+from utils.reproduce import plan as planned
+from utils.reproduce.results import OOD_FILE, RUN_FILE, publish, write_readme_block, write_results
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 LOG_DIR = ".reproduce"  # a dot folder: utils.report and the scripts' folder checks pass it by
 LOG_TAIL = 20
 # Not part of what an experiment is: how this run of it was started.
@@ -320,6 +320,3 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,7 +2,7 @@
 
 `train_pixelcnn.py` (a gated PixelCNN) and `train_gpt.py` (a small GPT) are each a config block and
 `run_prior(config, sys.argv[1:], model_type)`. Data choice, output folder, checkpoints and resume
-are the VQ scripts' own (utils/train.py)."""
+are the VQ scripts' own (utils/training/)."""
 import hashlib
 import json
 import math
@@ -14,23 +14,27 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models import build_model, negative_log_likelihood, sample_codes
+from models import build_model, negative_log_likelihood
 from models.palette import sprite_palettes
 from utils.config import parse_config, print_config
-from utils.data import BACKGROUND_COLOURS, background_of
+from utils.data.load import load_splits
+from utils.data.sprites import BACKGROUND_COLOURS, background_of
 from utils.device import choose_device
 from utils.errors import UserError, exit_on_user_error, first_sentence
 from utils.fid import fid, fid_statistics, load_fid_inception
 from utils.fid_weights import resolve_fid_weights, weights_record
+from utils.fusions import GUIDE_STRENGTH, PRIOR_METHODS, fuse_latents, fusion_pairs, palette_swap, prior_fusion, swap
 from utils.images import from_batch, to_batch
 from utils.io import atomic_path, write_json
-from utils.fusions import GUIDE_STRENGTH, PRIOR_METHODS, fuse_latents, fusion_pairs, palette_swap, prior_fusion, swap
 from utils.metrics import cleanliness, palette_overlap, silhouette_overlap
 from utils.plots import image_grid, save_png, upscale_nearest
-from utils.train import (LOG_EVERY, ROOT, TrainingDiverged, accelerated, batches, experiment_folder, experiment_lock,
-                         interrupted_message, load_model, load_splits, make_optimizer, plain_background_set,
-                         prepare_output_dir, refuse_a_model_beyond_memory, resume_from, save_checkpoint,
-                         schedule_step, seed_everything, start_output_dir, training_subset, write_model_and_history)
+from utils.training.checkpoints import load_model, resume_from, save_checkpoint
+from utils.training.experiment import (ROOT, experiment_folder, experiment_lock, prepare_output_dir, start_output_dir,
+                                       write_model_and_history)
+from utils.training.fast_path import accelerated
+from utils.training.loop import (LOG_EVERY, TrainingDiverged, batches, interrupted_message, make_optimizer,
+                                 plain_background_set, refuse_a_model_beyond_memory, schedule_step,
+                                 seed_everything, training_subset)
 
 CODES_FILE = "codes.npz"
 # A decoder reproduces a copied code grid up to a few pixels, so an image duplicate is judged on
@@ -147,7 +151,7 @@ def run_prior_epoch(model, grids, config, device, epoch, optimizer=None, labels=
     one training pass when an optimiser is given, else evaluation.
 
     The training order is a function of seed and epoch alone, as in the VQ scripts' loop, and so is
-    the learning rate of each step (utils/schedule.py), so a resumed run continues both."""
+    the learning rate of each step (utils/training/schedule.py), so a resumed run continues both."""
     training = optimizer is not None
     model.train(training)
     count, batch_size = len(grids), config["batch_size"]

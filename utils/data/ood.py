@@ -18,7 +18,7 @@ from PIL import Image
 from utils.errors import UserError
 from utils.io import verified_download, write_json
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 ANGBAND_PACKAGE = "angband-data"
 ANGBAND_VERSION = "1:3.5.1-2.5"
