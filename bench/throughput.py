@@ -30,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train_pixel_vqvae  # noqa: E402
+import train_tokenizer  # noqa: E402
 import train_vae  # noqa: E402
 import train_vqvae  # noqa: E402
 from models import build_model  # noqa: E402
@@ -44,7 +45,8 @@ from utils.device import choose_device, describe_machine  # noqa: E402
 from utils.images import to_batch  # noqa: E402
 from utils.io import write_json  # noqa: E402
 from utils.training.fast_path import accelerated  # noqa: E402
-from utils.training.loop import make_optimizer, palette_training_set, run_epoch  # noqa: E402
+from utils.training.loop import (make_discriminator_optimizer, make_optimizer, palette_training_set,  # noqa: E402
+                                 run_epoch)
 
 config = dict(
     configurations="pixel_vqvae,pixel_vqvae_16x16,vqvae,vae",
@@ -72,6 +74,10 @@ CONFIGURATIONS = {
     "vae": ("vae", train_vae.config),
     # Not in the default list: issue 20's 16x16 VQ-VAE choosing each pixel's colour from its palette.
     "palette_vqvae_16x16": ("vqvae", {**train_vqvae.config, **PIXEL_VQVAE_16X16, "palette_output": True}),
+    # Not in the default list: the 16x16 tokenizer before its discriminator starts (its first 750
+    # steps) and after, when each step also trains the discriminator.
+    "tokenizer": ("vqvae", train_tokenizer.config),
+    "tokenizer_adversarial": ("vqvae", {**train_tokenizer.config, "adversarial_start": 0}),
 }
 # Training images drawn per kept one for a palette model, which leaves out the noise backgrounds
 # (half the prepared split) as training does.
@@ -206,13 +212,15 @@ def measure(name, precision, cfg):
     if runner is not model and model_type == "vqvae" and not cfg["distinct_blocks"]:
         runner.run_distinct_blocks = False
     optimizer = make_optimizer(model, run_config, device)
+    judge = make_discriminator_optimizer(model, run_config, device)
     timed = torch.compile(runner) if cfg["compile"] else runner
-    run_epoch(timed, model_type, train.subset(batch * cfg["warmup_steps"]), run_config, device, 0, optimizer)
+    run_epoch(timed, model_type, train.subset(batch * cfg["warmup_steps"]), run_config, device, 0, optimizer,
+              discriminator_optimizer=judge)
     rates = []
     for repeat in range(cfg["repeats"]):
         synchronize(device)
         started = time.perf_counter()
-        run_epoch(timed, model_type, train, run_config, device, repeat + 1, optimizer)
+        run_epoch(timed, model_type, train, run_config, device, repeat + 1, optimizer, discriminator_optimizer=judge)
         synchronize(device)
         rates.append(len(train) / (time.perf_counter() - started))
     train_peak = peak_memory(device)
