@@ -86,11 +86,15 @@ class GPTPrior(nn.Module):
             x = block(x, None if caches is None else caches[i])
         return self.head(self.norm(x))
 
-    def forward(self, codes: Tensor, labels: Tensor | None = None) -> Tensor:
-        batch, height, width = codes.shape
+    def _cells(self, height: int, width: int) -> int:
         cells = height * width
         if cells > self.code_cells:
             raise ValueError(f"a grid of {cells} codes is longer than the prior's {self.code_cells}")
+        return cells
+
+    def forward(self, codes: Tensor, labels: Tensor | None = None) -> Tensor:
+        batch, height, width = codes.shape
+        cells = self._cells(height, width)
         flat = codes.reshape(batch, cells)
         start = self.condition(self._labels(labels, batch, codes.device))[:, None]
         x = torch.cat([start, self.token(flat[:, :-1])], 1) + self.position.weight[:cells]
@@ -107,9 +111,7 @@ class GPTPrior(nn.Module):
         A fusion keeps one parent's region and pulls the rest towards the other's codes."""
         check_sampling(temperature, top_k, top_p)
         count, height, width = shape
-        cells = height * width
-        if cells > self.code_cells:
-            raise ValueError(f"a grid of {cells} codes is longer than the prior's {self.code_cells}")
+        cells = self._cells(height, width)
         device = self.head.weight.device
         generator = seeded(generator, device)
         if (prefix is None) != (keep is None):

@@ -15,7 +15,7 @@ from models import GatedPixelCNN, build_model
 from tests.helpers import ROOT
 from utils.data.load import load_split
 from utils.training import prior as prior_module
-from utils.training.prior import encode_split, nearest_images, paired_rows, run_prior_epoch, sample_fid
+from utils.training.prior import encode_split, fid_scorer, nearest_images, paired_rows, run_prior_epoch, sample_fid
 from utils.training.checkpoints import load_model, save_model
 
 TINY_PRIOR = ["--hidden_channels=8", "--num_layers=2", "--kernel_size=3", "--batch_size=8", "--epochs=2",
@@ -189,7 +189,8 @@ def test_paired_rows_put_each_row_of_samples_over_its_nearest_images_and_pad_the
 
 def test_without_fid_weights_the_fid_is_none_with_the_reason(tmp_path):
     images = np.zeros((2, 16, 16, 3), np.uint8)
-    result = sample_fid(images, images, images, {"fid_weights": str(tmp_path / "absent.pth"), "fid_dims": 64}, "cpu")
+    score = fid_scorer(images, {"fid_weights": str(tmp_path / "absent.pth"), "fid_dims": 64}, "cpu")
+    result = sample_fid(images, images, score)
     assert result["fid"] is None and "absent.pth do not exist" in result["fid_reason"]
 
 

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from models import PRIORS
-
 from utils.data.sprites import BACKGROUND_COLOURS, SkipImage, sprite_image
 from utils.device import choose_device
 from utils.errors import UserError, exit_on_user_error

@@ -117,9 +117,10 @@ def colours_per_image(images):
 OUTLINE_MAX_CHANNEL = 96
 
 
-def _neighbour_keys(keys):
-    """The colour keys of each pixel's four neighbours [4, N, H, W]; -1 beyond the image's edge."""
-    padded = np.pad(keys, ((0, 0), (1, 1), (1, 1)), constant_values=-1)
+def _four_neighbours(values, beyond):
+    """The values [4, N, H, W] of each pixel's four neighbours in `values` [N, H, W]; `beyond`
+    past the image's edge."""
+    padded = np.pad(values, ((0, 0), (1, 1), (1, 1)), constant_values=beyond)
     return np.stack([padded[:, :-2, 1:-1], padded[:, 2:, 1:-1], padded[:, 1:-1, :-2], padded[:, 1:-1, 2:]])
 
 
@@ -134,7 +135,7 @@ def speckle_rates(images, background):
     isolated pixels, the speckle of a sampler that mixes codes. NaN for an image that is all background."""
     keys = colour_keys(images)
     sprite = silhouettes(images, background)
-    isolated = (_neighbour_keys(keys) != keys[None]).all(0) & sprite
+    isolated = (_four_neighbours(keys, -1) != keys[None]).all(0) & sprite
     with np.errstate(invalid="ignore", divide="ignore"):
         return isolated.sum((1, 2)) / sprite.sum((1, 2))
 
@@ -145,9 +146,7 @@ def outline_continuities(images, background):
     image with no sprite pixel. Meaningful on light backgrounds only: on black, a dark outline
     is indistinguishable from the background it sits on."""
     sprite = silhouettes(images, background)
-    padded = np.pad(sprite, ((0, 0), (1, 1), (1, 1)), constant_values=False)
-    beside_background = ~(padded[:, :-2, 1:-1] & padded[:, 2:, 1:-1] & padded[:, 1:-1, :-2] & padded[:, 1:-1, 2:])
-    edge = sprite & beside_background
+    edge = sprite & ~_four_neighbours(sprite, False).all(0)
     dark = (images <= OUTLINE_MAX_CHANNEL).all(-1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return (edge & dark).sum((1, 2)) / edge.sum((1, 2))

@@ -207,5 +207,5 @@ def estimate_minutes(entry, defaults):
     if prior and planned["hidden_channels"] * planned["num_layers"] * planned["kernel_size"] > 64 * 8 * 3:
         # A wider or deeper prior than the one SPEED was guessed for: slower in proportion.
         speed /= (planned["hidden_channels"] * planned["num_layers"] * planned["kernel_size"]) / (64 * 8 * 3)
-    overhead = OVERHEAD_MINUTES["prior" if prior else entry["group"] if entry["group"] == "generation" else "autoencoder"]
+    overhead = OVERHEAD_MINUTES["prior" if prior else "generation" if entry["group"] == "generation" else "autoencoder"]
     return round(planned["epochs"] * images / speed / 60 + overhead)

@@ -249,11 +249,19 @@ def sample_frame(model, sprites, index, device):
     return image_grid(np.concatenate([sprites.images[index], out]), ncols=len(index))
 
 
+def seeded_choice(total, count, seed):
+    """The indices, in order, of a seeded choice of `count` of `total` items (all of them when
+    `count` is 0 or not below `total`)."""
+    if not 0 < count < total:
+        return np.arange(total)
+    return np.sort(np.random.default_rng(seed).choice(total, count, replace=False))
+
+
 def training_subset(train_set, max_images, seed):
     """A seeded choice of `max_images` training sprites (0: all), the same for every script."""
     if not 0 < max_images < len(train_set):
         return train_set
-    keep = np.sort(np.random.default_rng(seed).choice(len(train_set), max_images, replace=False))
+    keep = seeded_choice(len(train_set), max_images, seed)
     return SpriteSet(train_set.images[keep], train_set.masks[keep], [train_set.names[i] for i in keep])
 
 

@@ -34,7 +34,7 @@ from utils.training.experiment import (ROOT, experiment_folder, experiment_lock,
 from utils.training.fast_path import accelerated
 from utils.training.loop import (LOG_EVERY, TrainingDiverged, batches, interrupted_message, make_optimizer,
                                  plain_background_set, refuse_a_model_beyond_memory, schedule_step,
-                                 seed_everything, training_subset)
+                                 seed_everything, seeded_choice, training_subset)
 
 CODES_FILE = "codes.npz"
 # A decoder reproduces a copied code grid up to a few pixels, so an image duplicate is judged on
@@ -236,24 +236,33 @@ def paired_rows(top, bottom, columns):
     return np.stack([top, bottom], axis=1).reshape(-1, *top.shape[2:])
 
 
-def fids(image_sets, test_images, config, device):
-    """({name: FID of those uint8 images against the test split}, {"fid_weights": which weights})
-    with one Inception and one pass over the test split, or (None, {"fid_reason": why not})."""
-    try:
-        weights = resolve_fid_weights(config["fid_weights"] or None)
-        model = load_fid_inception(weights, config["fid_dims"], device)
-        test = fid_statistics(test_images, model)
-        return {name: fid(images, test, model=model) for name, images in image_sets.items()}, \
-            {"fid_weights": weights_record(weights)}
-    except UserError as err:
-        return None, {"fid_reason": str(err)}
+def fid_scorer(test_images, config, device):
+    """A function of {name: uint8 images} giving ({name: FID against the test split},
+    {"fid_weights": which weights}), or (None, {"fid_reason": why not}). The Inception network and
+    the test split's statistics are made on its first call and kept: one pass over the test split
+    for every FID of a run."""
+    reference = []
+
+    def score(image_sets):
+        if not reference:
+            try:
+                weights = resolve_fid_weights(config["fid_weights"] or None)
+                model = load_fid_inception(weights, config["fid_dims"], device)
+                reference.append((model, fid_statistics(test_images, model), {"fid_weights": weights_record(weights)}))
+            except UserError as err:
+                reference.append((None, None, {"fid_reason": str(err)}))
+        model, test, record = reference[0]
+        if model is None:
+            return None, record
+        return {name: fid(images, test, model=model) for name, images in image_sets.items()}, record
+    return score
 
 
-def sample_fid(samples, real, test_images, config, device):
+def sample_fid(samples, real, score):
     """{"fid": FID of the samples against the test split, "floor_fid": that of as many `real`
     training sprites, the FID a perfect prior would reach at this count, "fid_weights": which
-    weights gave them}, or {"fid": None, "fid_reason": why there is none}."""
-    values, record = fids({"fid": samples, "floor_fid": real}, test_images, config, device)
+    weights gave them}, or {"fid": None, "fid_reason": why there is none}; `score` is `fid_scorer`'s."""
+    values, record = score({"fid": samples, "floor_fid": real})
     return {"fid": None, **record} if values is None else {**values, **record}
 
 
@@ -273,13 +282,6 @@ def cleanliness_summary(images, labels):
     return summary
 
 
-def chosen(sprites, count, seed):
-    """A seeded choice of `count` of `sprites` (all of them when there are fewer), in order."""
-    if count >= len(sprites):
-        return np.arange(len(sprites))
-    return np.sort(np.random.default_rng(seed).choice(len(sprites), count, replace=False))
-
-
 def distance_summary(distances, shared, cells):
     """Mean and range of nearest-image MSEs, and the mean share of codes a nearest grid shares."""
     return {"nearest_mse_mean": float(distances.mean()), "nearest_mse_min": float(distances.min()),
@@ -295,12 +297,12 @@ def write_sample_figures(samples, nearest, out):
     save_png(upscale_nearest(image_grid(paired_rows(samples, nearest, columns), columns), 2), out / "nearest_grid.png")
 
 
-def write_samples(prior, vq_model, grids, coded_sets, train_set, test_set, out, config, device):
+def write_samples(prior, vq_model, grids, coded_sets, train_set, test_set, out, config, device, score):
     """New sprites, each beside its nearest training image, in `out`; returns their metrics beside
     the same measures of real sprites: test sprites against the training ones, and as many training
     sprites as samples for the FID floor. `grids` and `coded_sets` are the codes and images of the
     prior's splits; a palette-output VQ model draws each sample with the palette of the training
-    sprite whose codes it shares most."""
+    sprite whose codes it shares most. `score` gives FIDs against the test split (`fid_scorer`)."""
     train_grids, coded_set = grids["train"], coded_sets["train"]
     conditioned = config.get("condition_on_background")
     labels = sample_labels(config)
@@ -332,11 +334,11 @@ def write_samples(prior, vq_model, grids, coded_sets, train_set, test_set, out, 
 
     # The real reference: as many test sprites, measured against the training sprites the same way.
     cells = train_grids[0].size
-    real_test = chosen(coded_sets["test"], len(samples), config["seed"])
+    real_test = seeded_choice(len(coded_sets["test"]), len(samples), config["seed"])
     _, real_distances = nearest_images(coded_sets["test"].images[real_test], train_set.images)
     _, real_shared = nearest_grids(grids["test"][real_test], train_grids, with_shared=True)
     plain = plain_background_set(coded_set, {"plain_backgrounds_only": True})
-    floor = plain.images[chosen(plain, len(samples), config["seed"])]
+    floor = plain.images[seeded_choice(len(plain), len(samples), config["seed"])]
     learnt = {grid.tobytes() for grid in train_grids}
     background = {"sample_background": config["sample_background"]} if conditioned else {}
     return {"num_samples": len(samples), "temperature": config["temperature"], "top_k": config["top_k"],
@@ -350,7 +352,7 @@ def write_samples(prior, vq_model, grids, coded_sets, train_set, test_set, out, 
             "cleanliness": cleanliness_summary(samples, labels if conditioned else sample_backgrounds(samples)),
             "duplicate_share": float((same_pixels >= DUPLICATE_PIXEL_SHARE).mean()),
             "code_duplicate_share": float(np.mean([grid.tobytes() in learnt for grid in codes])),
-            **sample_fid(samples, floor, test_set.images, config, device), "fid_dims": config["fid_dims"],
+            **sample_fid(samples, floor, score), "fid_dims": config["fid_dims"],
             "fid_reference": f"{len(test_set)} test images",
             "floor_reference": f"{len(floor)} training sprites, drawn at random"}
 
@@ -380,7 +382,7 @@ def fuse_batch(method, prior, vq_model, xa, xb, labels, generator):
     return prior_fusion(prior, vq_model, xa, xb, method, labels, generator)
 
 
-def write_prior_fusions(prior, vq_model, test_set, data_dir, out, config, device):
+def write_prior_fusions(prior, vq_model, test_set, data_dir, out, config, device, score):
     """Fusions of `num_fusion_scores` pairs of white test sprites by every method: a figure of the
     first pairs (fusion_grid.png: a, b, then each method) and, per method, FID against the test split
     and how much of each parent a fusion keeps; returns those scores."""
@@ -404,7 +406,7 @@ def write_prior_fusions(prior, vq_model, test_set, data_dir, out, config, device
     rows = np.stack([a[:shown], b[:shown], *[fused[m][:shown] for m in methods]], 1).reshape(-1, *a.shape[1:])
     save_png(upscale_nearest(image_grid(rows, 2 + len(methods)), 2), out / "fusion_grid.png")
     colour = np.array(BACKGROUND_COLOURS["white"], np.uint8)
-    values, record = fids(fused, test_set.images, config, device)
+    values, record = score(fused)
     scores = {}
     for method, images in fused.items():
         scores[method] = {"fid": None if values is None else values[method],
@@ -485,11 +487,12 @@ def train_prior(config, model_type):
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     started = time.perf_counter()
-    metrics.update(write_samples(model, vq_model, grids, splits, train_set, test_set, out, config, device))
+    score = fid_scorer(test_set.images, config, device)
+    metrics.update(write_samples(model, vq_model, grids, splits, train_set, test_set, out, config, device, score))
     metrics["sample_seconds"] = round(time.perf_counter() - started, 2)
     if config.get("num_fusion_scores"):
         started = time.perf_counter()
-        metrics.update(write_prior_fusions(model, vq_model, test_set, data_dir, out, config, device))
+        metrics.update(write_prior_fusions(model, vq_model, test_set, data_dir, out, config, device, score))
         metrics["fusion_seconds"] = round(time.perf_counter() - started, 2)
     write_json(out / "metrics.json", metrics)
     print(f"test {metrics['test_bits_per_code']:.4f} bits/code (uniform: {metrics['uniform_bits_per_code']:.1f}); "
